@@ -1,0 +1,424 @@
+"""The :class:`Anonymizer`: detect -> align -> identify -> method -> paste back, batch-first.
+
+Fail closed: a face that could not be anonymized (detector error, model error, bad crop) never
+leaves as it was. Per image, ``on_error`` decides:
+
+- ``"obscure"`` (default): the whole image is replaced by a coarse mosaic (no face survives);
+- ``"drop"``: the image is dropped (its slot in the result is ``None``);
+- ``"raise"``: :class:`~anonloader.errors.AnonymizationFailed` names the image and the cause.
+
+``on_no_face`` decides what happens to images where the detector found nothing: ``"keep"``
+(default; there is no face to hide), ``"drop"`` or ``"obscure"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from anonloader import __version__
+from anonloader.align import align_faces
+from anonloader.detect.base import Detector
+from anonloader.errors import AnonloaderError, AnonymizationFailed, ConfigError, UnsupportedImageError
+from anonloader.fingerprint import CACHE_FORMAT_VERSION, fingerprint_of
+from anonloader.identity.base import IdentityAssigner
+from anonloader.methods import Method, get_method
+from anonloader.types import Detections, FaceConditions, FaceRecord
+
+__all__ = ["AnonymizationResult", "Anonymizer", "obscure_image"]
+
+logger = logging.getLogger(__name__)
+
+OnError = Literal["obscure", "drop", "raise"]
+OnNoFace = Literal["keep", "drop", "obscure"]
+_SEED_MASK = (1 << 63) - 1
+
+
+@dataclass
+class AnonymizationResult:
+    """What :meth:`Anonymizer.__call__` returns for a batch.
+
+    Attributes:
+        images: per input image a ``3,H,W float32 in [0,1]`` tensor quantized to multiples of
+            1/255 (so a uint8 round trip is exact), or ``None`` where the image was dropped.
+        records: per input image, one :class:`FaceRecord` per detected face.
+        errors: per input image, the reason it failed (``None`` when it did not).
+    """
+
+    images: list[torch.Tensor | None]
+    records: list[list[FaceRecord]]
+    errors: list[str | None]
+
+
+def obscure_image(image: torch.Tensor, cells: int = 12) -> torch.Tensor:
+    """A coarse mosaic of a whole image: what fail-closed ``"obscure"`` returns.
+
+    Args:
+        image: ``3,H,W float in [0,1]``.
+        cells: mosaic cells along the longer side.
+    """
+    _, height, width = image.shape
+    scale = cells / max(height, width, 1)
+    grid = (max(1, round(height * scale)), max(1, round(width * scale)))
+    small = F.adaptive_avg_pool2d(image.unsqueeze(0), grid)
+    return F.interpolate(small, size=(height, width), mode="nearest").squeeze(0)
+
+
+def _quantize(image: torch.Tensor) -> torch.Tensor:
+    return image.clamp(0, 1).mul(255).round().div(255)
+
+
+def _content_seed(crop: torch.Tensor) -> int:
+    data = crop.mul(255).round().to(torch.uint8).cpu().numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _SEED_MASK
+
+
+def _check_image(image: Any, index: int) -> torch.Tensor:
+    if not isinstance(image, torch.Tensor):
+        raise UnsupportedImageError(
+            f"expected a 3,H,W float tensor in [0,1], got {type(image).__name__}; "
+            "wrap datasets with anonloader.anonymize, which converts PIL/numpy/uint8 images",
+            index=index,
+        )
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise UnsupportedImageError(f"expected shape 3,H,W (RGB), got {tuple(image.shape)}", index=index)
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise UnsupportedImageError(f"image has zero size {tuple(image.shape)}; remove it from the dataset", index=index)
+    if not image.is_floating_point():
+        raise UnsupportedImageError(f"expected a float tensor in [0,1], got {image.dtype}", index=index)
+    if not bool(torch.isfinite(image).all()) or float(image.min()) < 0 or float(image.max()) > 1:
+        raise UnsupportedImageError("pixel values must be finite and in [0,1]; divide uint8 images by 255", index=index)
+    return image.float()
+
+
+class Anonymizer:
+    """Replaces every face in a batch of images.
+
+    Args:
+        method: a registry name (``"blur"``, ``"pixelate"``, ``"mask"``, ``"fams"``,
+            ``"iddiffuse"``) or a :class:`~anonloader.methods.Method` instance.
+        detector: ``"mtcnn"`` (offline default), ``"scrfd"``, a
+            :class:`~anonloader.detect.base.Detector`, or ``None`` when every call passes
+            ``detections`` (faces from the dataset's own annotations).
+        identity: an :class:`~anonloader.identity.base.IdentityAssigner` giving each face its
+            stable synthetic identity and seed; without one, seeds come from the crop's content.
+        on_error, on_no_face: fail-closed policies (see the module docstring).
+        feather: width of the paste-back mask's soft edge, as a fraction of the crop side.
+        color_match: match the generated face's colour statistics to the original's; ``None``
+            lets the method decide (classical baselines keep their own colours).
+        device: where the method runs (``"cpu"``, ``"cuda"``, ...).
+        batch_size: the most crops sent to the method at once.
+        **method_kwargs: options of the named method.
+
+    The object is cheap to pickle: models load lazily, in the process that first uses them.
+    """
+
+    def __init__(
+        self,
+        method: str | Method = "blur",
+        *,
+        detector: str | Detector | None = "mtcnn",
+        identity: IdentityAssigner | None = None,
+        on_error: OnError = "obscure",
+        on_no_face: OnNoFace = "keep",
+        feather: float = 0.1,
+        color_match: bool | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+        **method_kwargs: Any,
+    ) -> None:
+        if on_error not in ("obscure", "drop", "raise"):
+            raise ConfigError(f"on_error must be 'obscure', 'drop' or 'raise', got {on_error!r}")
+        if on_no_face not in ("keep", "drop", "obscure"):
+            raise ConfigError(f"on_no_face must be 'keep', 'drop' or 'obscure', got {on_no_face!r}")
+        if not 0 <= feather <= 0.5:
+            raise ConfigError(f"feather must be in [0, 0.5] of the crop side, got {feather}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        from anonloader.detect import load_detector
+
+        self.method = get_method(method, **method_kwargs)
+        self.detector = load_detector(detector) if detector is not None else None
+        self.identity = identity
+        self.on_error: OnError = on_error
+        self.on_no_face: OnNoFace = on_no_face
+        self.feather = float(feather)
+        self.color_match = color_match
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.counters: Counter[str] = Counter()
+
+    # -- settings ---------------------------------------------------------------------------
+    @property
+    def uses_color_match(self) -> bool:
+        if self.color_match is not None:
+            return self.color_match
+        return bool(getattr(self.method, "paste_color_match", True))
+
+    def config(self) -> dict[str, Any]:
+        """Every setting that changes output pixels, as JSON-able data."""
+        return {
+            "anonloader": __version__,
+            "cache_format": CACHE_FORMAT_VERSION,
+            "method": {"name": self.method.name, **self.method.config()},
+            "detector": None if self.detector is None else {"name": self.detector.name, **self.detector.config()},
+            "identity": None if self.identity is None else self.identity.config(),
+            "align": {
+                "crop_size": self.method.crop_size,
+                "template": self.method.template,
+                "margin": float(getattr(self.method, "margin", 0.0)),
+            },
+            "paste": {"feather": self.feather, "color_match": self.uses_color_match},
+            "policy": {"on_error": self.on_error, "on_no_face": self.on_no_face},
+        }
+
+    def fingerprint(self) -> str:
+        """SHA-256 hex of :meth:`config`: equal fingerprints mean equal output bytes."""
+        return fingerprint_of(self.config())
+
+    # -- the pipeline -----------------------------------------------------------------------
+    def __call__(
+        self,
+        images: Sequence[torch.Tensor],
+        *,
+        detections: Sequence[Detections] | None = None,
+        labels: Sequence[Any] | None = None,
+    ) -> AnonymizationResult:
+        """Anonymizes a batch.
+
+        Args:
+            images: ``3,H,W float in [0,1]`` tensors, sizes may differ.
+            detections: faces per image (pixels), e.g. from the dataset's annotations; when
+                given the detector is not run.
+            labels: one identity label per image for the ``label`` identity strategy.
+
+        Raises:
+            AnonymizationFailed: an image failed and ``on_error="raise"``.
+            UnsupportedImageError: an image is not ``3,H,W float in [0,1]`` and
+                ``on_error="raise"``.
+        """
+        n = len(images)
+        if detections is not None and len(detections) != n:
+            raise ConfigError(f"got {n} images but {len(detections)} detection lists")
+        if labels is not None and len(labels) != n:
+            raise ConfigError(f"got {n} images but {len(labels)} identity labels")
+        self.counters["images"] += n
+        errors: list[str | None] = [None] * n
+        checked: list[torch.Tensor | None] = [None] * n
+        for i, image in enumerate(images):
+            try:
+                checked[i] = _check_image(image, i)
+            except UnsupportedImageError as error:
+                if self.on_error == "raise":
+                    raise
+                errors[i] = str(error)
+
+        found = self._detect(checked, detections, errors)
+        records: list[list[FaceRecord]] = [[] for _ in range(n)]
+        outputs: list[torch.Tensor | None] = list(checked)
+        ok = [i for i in range(n) if errors[i] is None and len(found[i]) > 0]
+        if ok:
+            self._anonymize_faces(checked, found, ok, labels, outputs, records, errors)
+        return self._apply_policies(checked, found, outputs, records, errors)
+
+    def _detect(
+        self,
+        images: list[torch.Tensor | None],
+        given: Sequence[Detections] | None,
+        errors: list[str | None],
+    ) -> list[Detections]:
+        found = [Detections.empty() for _ in images]
+        todo = [i for i, image in enumerate(images) if image is not None]
+        if given is not None:
+            for i in todo:
+                found[i] = given[i]
+            return found
+        if self.detector is None:
+            raise ConfigError("detector=None needs detections passed with every call (e.g. from annotations)")
+        if not todo:
+            return found
+        try:
+            results = self.detector([images[i] for i in todo])
+        except AnonloaderError:
+            results = None
+        except Exception:  # noqa: BLE001 - isolate the failing image below
+            results = None
+        if results is None:  # retry one by one so one bad image does not fail the batch
+            for i in todo:
+                try:
+                    found[i] = self.detector([images[i]])[0]
+                except Exception as error:  # noqa: BLE001 - recorded, then fail closed
+                    errors[i] = f"image {i}: detection failed: {type(error).__name__}: {error}"
+            return found
+        for i, faces in zip(todo, results, strict=True):
+            found[i] = faces
+        return found
+
+    def _anonymize_faces(
+        self,
+        images: list[torch.Tensor | None],
+        found: list[Detections],
+        ok: list[int],
+        labels: Sequence[Any] | None,
+        outputs: list[torch.Tensor | None],
+        records: list[list[FaceRecord]],
+        errors: list[str | None],
+    ) -> None:
+        from anonloader.kernels.paste_back import paste_back
+
+        batch = [images[i].to(self.device) for i in ok]  # type: ignore[union-attr]
+        faces = [found[i] for i in ok]
+        try:
+            aligned = align_faces(
+                batch,
+                faces,
+                crop_size=self.method.crop_size,
+                template=self.method.template,
+                margin=float(getattr(self.method, "margin", 0.0)),
+            )
+            conditions = self._conditions(aligned.crops, aligned.image_index, faces, [labels[i] for i in ok] if labels else None)
+            generated = self._run_method(aligned.crops, conditions)
+            pasted = paste_back(
+                batch,
+                generated,
+                aligned.affines,
+                aligned.image_index.to(self.device),
+                feather=self.feather,
+                color_match=self.uses_color_match,
+            )
+        except Exception as error:  # noqa: BLE001 - every face of the batch fails closed
+            if self.on_error == "raise":
+                raise AnonymizationFailed(
+                    f"images {ok}: anonymization failed ({type(error).__name__}: {error}); "
+                    "fix the cause or choose on_error='obscure' or 'drop'"
+                ) from error
+            logger.warning("anonymization failed for images %s: %s", ok, error)
+            for i in ok:
+                errors[i] = f"image {i}: anonymization failed: {type(error).__name__}: {error}"
+            return
+        face_cursor = 0
+        for slot, i in enumerate(ok):
+            outputs[i] = pasted[slot].to(images[i].device)  # type: ignore[union-attr]
+            for f in range(len(found[i])):
+                records[i].append(
+                    FaceRecord(
+                        box=tuple(float(v) for v in found[i].boxes[f]),
+                        landmarks=tuple((float(x), float(y)) for x, y in found[i].landmarks[f]),
+                        score=float(found[i].scores[f]),
+                        status="anonymized",
+                        synthetic_id=conditions.synthetic_ids[face_cursor],
+                    )
+                )
+                face_cursor += 1
+
+    def _conditions(
+        self,
+        crops: torch.Tensor,
+        image_index: torch.Tensor,
+        faces: list[Detections],
+        labels: list[Any] | None,
+    ) -> FaceConditions:
+        from anonloader.align import estimate_affine
+
+        landmarks = []
+        for image_faces in faces:
+            if len(image_faces) == 0:
+                continue
+            affine = estimate_affine(
+                image_faces.landmarks, self.method.crop_size, self.method.template, float(getattr(self.method, "margin", 0.0))
+            )
+            points = torch.cat([image_faces.landmarks.float(), torch.ones(len(image_faces), 5, 1)], dim=2)
+            landmarks.append(points @ affine.transpose(1, 2))
+        crop_landmarks = torch.cat(landmarks) if landmarks else torch.zeros(0, 5, 2)
+        if self.identity is None:
+            seeds = [_content_seed(crop) for crop in crops]
+            return FaceConditions(seeds, [None] * len(seeds), [None] * len(seeds), crop_landmarks)
+        assignments = self.identity.assign(crops, image_index, labels)
+        return FaceConditions(
+            seeds=[a.seed for a in assignments],
+            identity_keys=[a.key_digest for a in assignments],
+            synthetic_ids=[a.synthetic_id for a in assignments],
+            landmarks=crop_landmarks,
+        )
+
+    def _run_method(self, crops: torch.Tensor, conditions: FaceConditions) -> torch.Tensor:
+        outputs = []
+        for start in range(0, crops.shape[0], self.batch_size):
+            stop = start + self.batch_size
+            part = FaceConditions(
+                seeds=conditions.seeds[start:stop],
+                identity_keys=conditions.identity_keys[start:stop],
+                synthetic_ids=conditions.synthetic_ids[start:stop],
+                landmarks=conditions.landmarks[start:stop],
+                extra={k: v[start:stop] for k, v in conditions.extra.items()},
+            )
+            chunk = crops[start:stop]
+            with torch.no_grad():
+                out = self.method(chunk, part)
+            if out.shape != chunk.shape or not bool(torch.isfinite(out).all()):
+                raise AnonymizationFailed(
+                    f"method {self.method.name!r} returned {tuple(out.shape)} (or non-finite values) "
+                    f"for crops {tuple(chunk.shape)}"
+                )
+            outputs.append(out.clamp(0, 1))
+        return torch.cat(outputs)
+
+    def _apply_policies(
+        self,
+        images: list[torch.Tensor | None],
+        found: list[Detections],
+        outputs: list[torch.Tensor | None],
+        records: list[list[FaceRecord]],
+        errors: list[str | None],
+    ) -> AnonymizationResult:
+        result: list[torch.Tensor | None] = []
+        for i, image in enumerate(images):
+            n_faces = len(found[i])
+            self.counters["faces"] += n_faces
+            if errors[i] is not None:
+                self.counters["failed"] += 1
+                if self.on_error == "raise":
+                    raise AnonymizationFailed(
+                        f"{errors[i]}; fix the cause or choose on_error='obscure' or 'drop'"
+                    )
+                records[i] = [
+                    FaceRecord(
+                        box=tuple(float(v) for v in found[i].boxes[f]),
+                        landmarks=tuple((float(x), float(y)) for x, y in found[i].landmarks[f]),
+                        score=float(found[i].scores[f]),
+                        status="failed" if self.on_error == "drop" or image is None else "obscured",
+                        error=errors[i],
+                    )
+                    for f in range(n_faces)
+                ]
+                if self.on_error == "drop" or image is None:
+                    self.counters["dropped"] += 1
+                    result.append(None)
+                else:
+                    self.counters["obscured"] += 1
+                    result.append(_quantize(obscure_image(image)))
+                continue
+            if n_faces == 0 and self.on_no_face != "keep":
+                if self.on_no_face == "drop":
+                    self.counters["dropped"] += 1
+                    result.append(None)
+                else:
+                    self.counters["obscured"] += 1
+                    result.append(_quantize(obscure_image(image)))  # type: ignore[arg-type]
+                continue
+            self.counters["anonymized"] += n_faces
+            result.append(_quantize(outputs[i]))  # type: ignore[arg-type]
+        return AnonymizationResult(result, records, errors)
+
+    # -- pickling: models stay behind, each process loads its own ---------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["counters"] = Counter()
+        return state
