@@ -1,0 +1,261 @@
+"""The parts of a FAMS model and how tiny ones are built for tests and CPU users.
+
+``FAMSComponents`` holds the denoising UNet, the source ReferenceNet (``referencenet``), the
+driving ReferenceNet (``conditioning_referencenet``), the VAE, the CLIP image encoder with its
+input settings, and the scheduler's configuration. Loading released weights and saving our own
+lives in :mod:`anonloader.methods.fams.weights`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from .attention import install_reference_attention
+from .referencenet import ReferenceNet
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPVisionModel
+
+__all__ = ["ClipInput", "FAMSComponents", "SD21_SCHEDULER_CONFIG", "build_tiny_components", "state_digest"]
+
+#: The noise schedule of Stable Diffusion 2.1 (``stabilityai/stable-diffusion-2-1/scheduler``),
+#: which FAMS was trained with; used for tiny models (released weights read their own file).
+SD21_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "v_prediction",
+}
+
+
+@dataclass(frozen=True)
+class ClipInput:
+    """How crops are prepared for the CLIP image encoder (a batched torch version of
+    ``CLIPImageProcessor``: shortest side to ``size`` (bicubic, antialiased), centre crop to
+    ``crop_size``, normalize with ``mean`` / ``std``)."""
+
+    size: int = 224
+    crop_size: int = 224
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @classmethod
+    def from_preprocessor_config(cls, config: Mapping[str, Any]) -> ClipInput:
+        """From a ``preprocessor_config.json`` dict (``size`` / ``crop_size`` as ints or dicts)."""
+        size = config.get("size", 224)
+        if isinstance(size, Mapping):
+            size = size.get("shortest_edge", size.get("height", 224))
+        crop = config.get("crop_size", size)
+        if isinstance(crop, Mapping):
+            crop = crop.get("height", size)
+        return cls(
+            size=int(size),
+            crop_size=int(crop),
+            mean=tuple(float(x) for x in config.get("image_mean", cls.mean)),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in config.get("image_std", cls.std)),  # type: ignore[arg-type]
+        )
+
+    def to_preprocessor_config(self) -> dict[str, Any]:
+        """The ``preprocessor_config.json`` dict ``CLIPImageProcessor`` reads."""
+        return {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": True,
+            "size": {"shortest_edge": self.size},
+            "resample": 3,
+            "do_center_crop": True,
+            "crop_size": {"height": self.crop_size, "width": self.crop_size},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "do_convert_rgb": True,
+        }
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """``B,3,H,W float in [0,1]`` -> ``B,3,crop_size,crop_size`` normalized pixel values."""
+        height, width = images.shape[-2:]
+        scale = self.size / min(height, width)
+        new_size = (max(self.crop_size, round(height * scale)), max(self.crop_size, round(width * scale)))
+        if new_size != (height, width):
+            images = F.interpolate(images, size=new_size, mode="bicubic", antialias=True, align_corners=False)
+        top = (new_size[0] - self.crop_size) // 2
+        left = (new_size[1] - self.crop_size) // 2
+        images = images[..., top : top + self.crop_size, left : left + self.crop_size]
+        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's state dict (names, dtypes, shapes and bytes), for models that
+    live only in memory; models loaded from files are fingerprinted by their files."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass(eq=False)
+class FAMSComponents:
+    """Every network FAMS runs, plus the settings that go with them.
+
+    Attributes:
+        unet: the denoising ``UNet2DConditionModel``; its self-attention layers get
+            :class:`~anonloader.kernels.attention.MultiSourceAttnProcessor` (``processors``).
+        referencenet: source ReferenceNet (identity).
+        conditioning_referencenet: driving ReferenceNet (pose, expression, background).
+        vae: ``AutoencoderKL``.
+        image_encoder: ``CLIPVisionModel``; its pooled output conditions the cross-attention.
+        clip_input: the image encoder's input preparation.
+        scheduler_config: the DDPM noise schedule (``DDPMScheduler`` / ``DDIMScheduler`` config).
+    """
+
+    unet: UNet2DConditionModel
+    referencenet: ReferenceNet
+    conditioning_referencenet: ReferenceNet
+    vae: AutoencoderKL
+    image_encoder: CLIPVisionModel
+    clip_input: ClipInput = field(default_factory=ClipInput)
+    scheduler_config: dict[str, Any] = field(default_factory=lambda: dict(SD21_SCHEDULER_CONFIG))
+    attention_backend: str | None = None
+
+    def __post_init__(self) -> None:
+        self.processors = install_reference_attention(self.unet, backend=self.attention_backend)
+        self._null_states: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """Name (the checkpoint's subfolder) -> network."""
+        return {
+            "unet": self.unet,
+            "referencenet": self.referencenet,
+            "conditioning_referencenet": self.conditioning_referencenet,
+            "vae": self.vae,
+            "image_encoder": self.image_encoder,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FAMSComponents:
+        """Moves every network (in place) and forgets cached null states; returns ``self``."""
+        for network in self.networks().values():
+            current = next(network.parameters())
+            if device is not None and current.device != torch.device(device):
+                network.to(device=device)
+            if dtype is not None and current.dtype != dtype:
+                network.to(dtype=dtype)
+        self._null_states.clear()
+        return self
+
+    def eval(self) -> FAMSComponents:
+        for network in self.networks().values():
+            network.eval()
+        return self
+
+    def null_states(self, latent_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The source ReferenceNet's states for "no source" (zero latents, zero image embedding):
+        ``S_uncond`` of paper eq. 2 and the source half of the unconditional CFG branch. They do not
+        depend on the image, so they are computed once per latent size and reused (batch 1)."""
+        key = (tuple(latent_size), self.device, self.dtype)
+        if key not in self._null_states:
+            channels = self.referencenet.config.in_channels
+            tokens_dim = self.unet.config.cross_attention_dim
+            latents = torch.zeros(1, channels, *latent_size, device=self.device, dtype=self.dtype)
+            embeds = torch.zeros(1, 1, tokens_dim, device=self.device, dtype=self.dtype)
+            with torch.no_grad():
+                self._null_states[key] = self.referencenet(latents, embeds)
+        return self._null_states[key]
+
+
+def _tiny_unet(seed: int, cross_attention_dim: int, sample_size: int) -> UNet2DConditionModel:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=4,
+        use_linear_projection=True,
+    )
+
+
+def tiny_unet_config(sample_size: int = 8, cross_attention_dim: int = 16) -> dict[str, Any]:
+    """The tiny UNet's ``config.json`` fields (for tests that write checkpoint directories)."""
+    return dict(_tiny_unet(0, cross_attention_dim, sample_size).config)
+
+
+def build_tiny_components(seed: int = 0, *, resolution: int = 16) -> FAMSComponents:
+    """A FAMS of the real structure with tiny random networks (CPU, milliseconds per step):
+    UNet and ReferenceNets with 8/16 channels, a 2-level VAE (latents at 1/2 resolution) and a
+    one-layer CLIP vision tower with 16-d pooled output. ``seed`` fixes every weight."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    clip_dim = 16
+    latent = resolution // 2
+    unet = _tiny_unet(seed, clip_dim, latent)
+    referencenet = ReferenceNet(_tiny_unet(seed + 1, clip_dim, latent))
+    conditioning_referencenet = ReferenceNet(_tiny_unet(seed + 2, clip_dim, latent))
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=resolution,
+        scaling_factor=0.18215,
+    )
+    torch.manual_seed(seed + 4)
+    image_encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=clip_dim,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=resolution,
+            patch_size=4,
+            projection_dim=clip_dim,
+        )
+    )
+    components = FAMSComponents(
+        unet=unet,
+        referencenet=referencenet,
+        conditioning_referencenet=conditioning_referencenet,
+        vae=vae,
+        image_encoder=image_encoder,
+        clip_input=ClipInput(size=resolution, crop_size=resolution),
+    )
+    return components.eval()
