@@ -1,0 +1,182 @@
+"""The pipeline's identity stage: embedder + real-identity key strategy + keyed mapper.
+
+>>> assigner = KeyedIdentityAssigner("cluster", secret=..., bank=IdentityBank.load("bank"))  # doctest: +SKIP
+>>> anonymizer = Anonymizer("blur", identity=assigner)  # doctest: +SKIP
+
+Strategies (see :mod:`anonloader.identity.keys`):
+
+- ``"label"``: key from the label the pipeline passes per image (``key_fn`` maps it);
+- ``"track"``: the pipeline's label per image is the clip name; faces are linked across
+  consecutive calls with the same clip by recognizer similarity (the pipeline does not hand
+  boxes to the assigner; :class:`~anonloader.identity.keys.FaceTracker` uses IoU too when called
+  directly with boxes);
+- ``"cluster"``: the clusters of :meth:`KeyedIdentityAssigner.fit` (two-pass global clustering
+  over the whole dataset); faces that match no cluster fall back to the online registry;
+- ``"online"``: the persisted online registry only.
+
+Every face of one key gets the same assignment within a process (cached by digest); across
+processes the mapper's HMAC candidate order (and its persisted table, when ``store`` is given)
+keeps it the same.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from anonloader.errors import ConfigError, IdentityError
+from anonloader.identity.base import IdentityAssignment
+from anonloader.identity.keys import ClusterResult, FaceTracker, IdentityRegistry, cluster_embeddings, face_content_hash, label_key
+from anonloader.identity.mapper import KeyedMapper
+
+__all__ = ["STRATEGIES", "KeyedIdentityAssigner"]
+
+STRATEGIES = ("label", "track", "cluster", "online")
+
+
+class KeyedIdentityAssigner:
+    """An :class:`~anonloader.identity.base.IdentityAssigner`.
+
+    Args:
+        strategy: one of :data:`STRATEGIES`.
+        secret, secret_file: the mapping secret (or ``$ANONLOADER_SECRET``).
+        bank: an :class:`~anonloader.identity.bank.IdentityBank` (or None: digests and seeds only).
+        embedder: a recognizer (name or object); needed for every strategy but ``label`` and
+            for skipping bank identities that look like the real face. Default ``"dlib"``.
+        key_fn: ``label`` strategy: maps a label to the identity value.
+        store: path of the mapper's persisted assignment table (JSON).
+        registry_path: path of the online registry (``cluster`` fallback / ``online``).
+        store_embeddings: opt in to writing real embeddings into the registry.
+        template, margin: the alignment of the crops the pipeline passes (the method's).
+    """
+
+    def __init__(
+        self,
+        strategy: str = "label",
+        *,
+        secret: Any = None,
+        secret_file: str | os.PathLike[str] | None = None,
+        bank: Any = None,
+        embedder: Any = "dlib",
+        key_fn: Callable[[Any], Any] | None = None,
+        store: str | os.PathLike[str] | None = None,
+        registry_path: str | os.PathLike[str] | None = None,
+        store_embeddings: bool = False,
+        template: str = "arcface",
+        margin: float = 0.0,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"unknown identity strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        from anonloader.identity.embedders import load_embedder
+
+        self.strategy = strategy
+        if isinstance(embedder, str):
+            kwargs = {"template": template, "margin": margin} if embedder == "dlib" else {}
+            embedder = load_embedder(embedder, **kwargs)
+        self.embedder = embedder
+        self.mapper = KeyedMapper(secret, bank, embedder=embedder, store=store, secret_file=secret_file)
+        self.key_fn = key_fn
+        self.clusters: ClusterResult | None = None
+        self.registry = (
+            IdentityRegistry(registry_path, self.mapper.secret, self.threshold, store_embeddings=store_embeddings)
+            if strategy in ("cluster", "online")
+            else None
+        )
+        self._trackers: dict[str, FaceTracker] = {}
+        self._assigned: dict[str, IdentityAssignment] = {}
+
+    @property
+    def threshold(self) -> float:
+        return float(getattr(self.embedder, "threshold", self.mapper.threshold))
+
+    def embed(self, crops: torch.Tensor) -> torch.Tensor:
+        """``F,D`` embeddings of ``F,3,S,S`` crops (needs an embedder)."""
+        if self.embedder is None:
+            raise ConfigError(f"the {self.strategy!r} strategy needs an embedder")
+        return self.embedder(crops)
+
+    def fit(self, crops: torch.Tensor | None = None, *, embeddings: torch.Tensor | None = None, content_hashes: Sequence[str] | None = None) -> ClusterResult:
+        """Pass 2 of the ``cluster`` strategy: cluster every face of the dataset and map each
+        cluster (in canonical digest order, so input order does not matter).
+
+        Give ``crops`` (``N,3,S,S``, all faces), or precomputed ``embeddings`` with ``content_hashes``.
+        """
+        if embeddings is None:
+            if crops is None:
+                raise ConfigError("fit needs crops or embeddings + content_hashes")
+            embeddings = self.embed(crops)
+            content_hashes = [face_content_hash(c) for c in crops]
+        if content_hashes is None:
+            raise ConfigError("fit with embeddings needs their content_hashes")
+        self.clusters = cluster_embeddings(embeddings, content_hashes, self.threshold)
+        assignments = self.mapper.map_many(self.clusters.cluster_keys, self.clusters.centroids)
+        self._assigned.update({a.key_digest: a for a in assignments})
+        return self.clusters
+
+    def keys(self, crops: torch.Tensor, image_index: torch.Tensor, labels: Sequence[Any] | None, embeddings: torch.Tensor | None) -> list[str]:
+        """The real-identity key of every face."""
+        index = [int(i) for i in image_index]
+        if self.strategy == "label":
+            if labels is None:
+                raise IdentityError("the 'label' identity strategy needs labels: pass identity_label=... / labels=[...]")
+            return [label_key(labels[i], self.key_fn) for i in index]
+        assert embeddings is not None
+        if self.strategy == "track":
+            if labels is None:
+                raise IdentityError("the 'track' identity strategy needs each image's clip name as its label")
+            keys: list[str] = [""] * len(index)
+            for image in sorted(set(index)):
+                faces = [f for f, i in enumerate(index) if i == image]
+                clip = str(labels[image] if self.key_fn is None else self.key_fn(labels[image]))
+                tracker = self._trackers.setdefault(clip, FaceTracker(clip, self.threshold))
+                for f, key in zip(faces, tracker.update(embeddings[faces])):
+                    keys[f] = key
+            return keys
+        hashes = [face_content_hash(c) for c in crops]
+        known = self.clusters.key_of(embeddings, self.threshold) if self.clusters is not None else [None] * len(index)
+        missing = [f for f, k in enumerate(known) if k is None]
+        if missing:
+            assert self.registry is not None
+            for f, key in zip(missing, self.registry.key_of(embeddings[missing], [hashes[f] for f in missing])):
+                known[f] = key
+        return [str(k) for k in known]
+
+    def assign(self, crops: torch.Tensor, image_index: torch.Tensor, labels: Sequence[Any] | None) -> list[IdentityAssignment]:
+        """One stable assignment per face.
+
+        Args:
+            crops: ``F,3,S,S float32 in [0,1]`` aligned crops (template ``self.embedder.template``).
+            image_index: ``F int64``, the image each crop came from (indexes ``labels``).
+            labels: one label per image (label / track strategies), or None.
+        """
+        if len(crops) == 0:
+            return []
+        needs_embeddings = self.strategy != "label" or (self.mapper.bank is not None and self.embedder is not None)
+        embeddings = self.embed(crops) if needs_embeddings else None
+        keys = self.keys(crops, image_index, labels, embeddings)
+        out = []
+        for f, key in enumerate(keys):
+            digest = self.mapper.digest(key)
+            if digest not in self._assigned:
+                self._assigned[digest] = self.mapper.map(key, None if embeddings is None else embeddings[f])
+            out.append(self._assigned[digest])
+        return out
+
+    def save(self) -> None:
+        """Persist the mapper's table and the online registry (where paths were given)."""
+        if self.mapper.store is not None:
+            self.mapper.save()
+        if self.registry is not None and self.registry.path is not None:
+            self.registry.save()
+
+    def config(self) -> dict[str, Any]:
+        """Strategy, recognizer, mapper settings and the secret's keyed check value (never the secret)."""
+        return {
+            "strategy": self.strategy,
+            "embedder": None if self.embedder is None else self.embedder.config(),
+            "mapper": self.mapper.config(),
+            "key_fn": None if self.key_fn is None else getattr(self.key_fn, "__qualname__", repr(self.key_fn)),
+        }

@@ -1,0 +1,315 @@
+"""Real-identity keys: which faces are the same real person.
+
+A key is a string; it never leaves the process in the clear (the mapper stores only its keyed
+digest). Strategies:
+
+- :func:`label_key`: from the dataset (a function of the sample's label, e.g. CelebA's identity).
+- :class:`FaceTracker`: faces linked across the frames of one clip by box IoU and recognizer
+  similarity; track ids are numbered in order of first appearance (frame order, then left to
+  right), so they are deterministic for a given clip.
+- :func:`cluster_embeddings`: global clustering of a whole dataset's embeddings at the
+  recognizer threshold, independent of input order (faces are processed in content-hash order,
+  in two passes: leader clustering, then every face re-assigned to its nearest centroid); key =
+  content hash of the cluster's canonical member (the smallest hash).
+- :class:`IdentityRegistry`: the online variant for streams: a face joins the nearest known
+  identity at the threshold or starts a new one keyed by its own content hash. Persisted with
+  only keyed digests and synthetic ids (via the mapper); embeddings are written only when
+  ``store_embeddings=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from anonloader.errors import ConfigError, IdentityError, SecretError
+
+__all__ = [
+    "ClusterResult",
+    "FaceTracker",
+    "IdentityRegistry",
+    "box_iou",
+    "cluster_embeddings",
+    "face_content_hash",
+    "label_key",
+]
+
+
+def label_key(label: Any, key_fn: Callable[[Any], Any] | None = None) -> str:
+    """The key of a dataset label: ``"label:" + str(key_fn(label))`` (identity when no ``key_fn``)."""
+    value = key_fn(label) if key_fn is not None else label
+    if value is None:
+        raise IdentityError("the identity label is None; give every sample a label or use the cluster strategy")
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else tuple(value.tolist())
+    return f"label:{value}"
+
+
+def face_content_hash(crop: torch.Tensor) -> str:
+    """SHA-256 (hex) of an aligned crop's pixels (``3,S,S float [0,1]``, quantised to uint8)."""
+    pixels = (crop.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
+    return hashlib.sha256(bytes(str(tuple(pixels.shape)), "ascii") + pixels.numpy().tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------- tracks
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU matrix ``N,M`` of boxes ``N,4`` and ``M,4`` (xyxy pixels)."""
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp_min(0).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp_min(0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp_min(0).prod(-1)
+    return inter / (area_a[:, None] + area_b[None] - inter).clamp_min(1e-9)
+
+
+@dataclass
+class _Track:
+    number: int
+    box: torch.Tensor | None
+    embedding: torch.Tensor
+    last_frame: int
+
+
+class FaceTracker:
+    """Links the faces of one clip's frames into tracks (call :meth:`update` frame by frame).
+
+    A face continues a track when ``score = iou_weight * IoU + cos`` is highest among tracks
+    seen within ``max_gap`` frames, with cosine ``>= threshold - slack`` (same person to the
+    recognizer, with slack for motion blur) or, when boxes are given, IoU ``>= min_iou`` and
+    cosine ``>= threshold - 2 * slack``. Matching is greedy by score with ties broken by track
+    number, so ids are deterministic.
+
+    Args:
+        clip: the clip's name, part of every key (``"track:<clip>:<n>"``).
+        threshold: the recognizer's same-person cosine similarity.
+    """
+
+    def __init__(
+        self, clip: str, threshold: float, *, min_iou: float = 0.3, slack: float = 0.05, iou_weight: float = 0.5, max_gap: int = 30
+    ) -> None:
+        self.clip = str(clip)
+        self.threshold, self.min_iou, self.slack, self.iou_weight, self.max_gap = threshold, min_iou, slack, iou_weight, max_gap
+        self.tracks: list[_Track] = []
+        self.frame = -1
+
+    def update(self, embeddings: torch.Tensor, boxes: torch.Tensor | None = None) -> list[str]:
+        """Keys for the faces of the next frame.
+
+        Args:
+            embeddings: ``F,D`` recognizer embeddings (L2-normalised) of the frame's faces.
+            boxes: ``F,4`` xyxy pixel boxes, or None (embedding-only linking).
+        """
+        self.frame += 1
+        n = len(embeddings)
+        if boxes is not None and len(boxes) != n:
+            raise ConfigError(f"{len(boxes)} boxes for {n} embeddings")
+        order = list(range(n))
+        if boxes is not None:  # left to right, so new track numbers do not depend on detector order
+            order.sort(key=lambda i: (float(boxes[i, 0]), float(boxes[i, 1])))
+        live = [t for t in self.tracks if self.frame - t.last_frame <= self.max_gap]
+        pairs = []
+        for i in order:
+            for t in live:
+                cos = float(embeddings[i] @ t.embedding)
+                iou = float(box_iou(boxes[i : i + 1], t.box[None])[0, 0]) if boxes is not None and t.box is not None else 0.0
+                if cos >= self.threshold - self.slack or (iou >= self.min_iou and cos >= self.threshold - 2 * self.slack):
+                    pairs.append((-(self.iou_weight * iou + cos), t.number, i, t))
+        pairs.sort(key=lambda p: (p[0], p[1], p[2]))
+        assigned: dict[int, _Track] = {}
+        used: set[int] = set()
+        for _, number, i, track in pairs:
+            if i in assigned or number in used:
+                continue
+            assigned[i] = track
+            used.add(number)
+        keys: list[str] = [""] * n
+        for i in order:
+            track = assigned.get(i)
+            if track is None:
+                track = _Track(len(self.tracks), None, embeddings[i].clone(), self.frame)
+                self.tracks.append(track)
+            track.embedding = torch.nn.functional.normalize(0.7 * track.embedding + 0.3 * embeddings[i], dim=0)
+            track.box = None if boxes is None else boxes[i].clone()
+            track.last_frame = self.frame
+            keys[i] = f"track:{self.clip}:{track.number}"
+        return keys
+
+
+# ---------------------------------------------------------------------------------- clusters
+@dataclass(frozen=True)
+class ClusterResult:
+    """Global clusters of a dataset's faces.
+
+    Attributes:
+        keys: one key per input face (``"cluster:" + canonical member's content hash``).
+        centroids: ``C,D`` L2-normalised mean embeddings, one per cluster (in memory only).
+        cluster_keys: ``C`` keys, aligned with ``centroids``.
+    """
+
+    keys: list[str]
+    centroids: torch.Tensor
+    cluster_keys: list[str]
+
+    def key_of(self, embeddings: torch.Tensor, threshold: float) -> list[str | None]:
+        """Keys of new faces (``F,D``): the nearest centroid's at cosine ``>= threshold``, else None."""
+        if len(self.centroids) == 0 or len(embeddings) == 0:
+            return [None] * len(embeddings)
+        sims, index = (embeddings.float() @ self.centroids.T).max(dim=1)
+        return [self.cluster_keys[int(j)] if float(s) >= threshold else None for s, j in zip(sims, index)]
+
+
+def cluster_embeddings(embeddings: torch.Tensor, content_hashes: Sequence[str], threshold: float) -> ClusterResult:
+    """Cluster a whole dataset's faces at the recognizer threshold, independently of input order.
+
+    Args:
+        embeddings: ``N,D`` L2-normalised embeddings of every face.
+        content_hashes: ``N`` content hashes of the faces (:func:`face_content_hash`); they fix
+            the processing order and name the clusters.
+        threshold: the recognizer's same-person cosine similarity.
+    """
+    n = len(embeddings)
+    if len(content_hashes) != n:
+        raise ConfigError(f"{len(content_hashes)} content hashes for {n} embeddings")
+    if n == 0:
+        return ClusterResult([], torch.zeros(0, embeddings.shape[-1] if embeddings.ndim == 2 else 0), [])
+    vectors = torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=1)
+    order = sorted(range(n), key=lambda i: (content_hashes[i], i))
+    # pass 1: leader clustering in canonical order
+    sums: list[torch.Tensor] = []
+    for i in order:
+        if sums:
+            centroids = torch.nn.functional.normalize(torch.stack(sums), dim=1)
+            sims = centroids @ vectors[i]
+            best = int(sims.argmax())
+            if float(sims[best]) >= threshold:
+                sums[best] = sums[best] + vectors[i]
+                continue
+        sums.append(vectors[i].clone())
+    centroids = torch.nn.functional.normalize(torch.stack(sums), dim=1)
+    # pass 2: every face to its nearest centroid (a face below threshold to all stays alone)
+    members: dict[int, list[int]] = {}
+    singles: list[int] = []
+    sims = vectors @ centroids.T
+    for i in order:
+        best = int(sims[i].argmax())
+        if float(sims[i, best]) >= threshold:
+            members.setdefault(best, []).append(i)
+        else:
+            singles.append(i)
+    groups = list(members.values()) + [[i] for i in singles]
+    keys: list[str] = [""] * n
+    cluster_keys, final_centroids = [], []
+    for group in sorted(groups, key=lambda g: min(content_hashes[i] for i in g)):
+        key = "cluster:" + min(content_hashes[i] for i in group)
+        for i in group:
+            keys[i] = key
+        cluster_keys.append(key)
+        final_centroids.append(torch.nn.functional.normalize(vectors[group].sum(0), dim=0))
+    return ClusterResult(keys, torch.stack(final_centroids), cluster_keys)
+
+
+# ---------------------------------------------------------------------------------- online
+class IdentityRegistry:
+    """Online identity keys for streams, persisted.
+
+    ``key_of(embeddings, content_hashes)`` gives each face the key of the nearest registered
+    identity at the threshold, or registers a new identity keyed by the face's content hash.
+
+    Persisted state (``path``, JSON): the keyed check value of the secret and, per identity, the
+    keyed digest of its key — never the key or an embedding. With ``store_embeddings=True`` the
+    identities' mean embeddings are stored too (opt-in: they are biometric data of real people),
+    which lets a later process recognise returning people; without it, a new process starts with
+    no embeddings and only keeps the digests (so a returning person gets a new key unless the
+    exact same face crop — same content hash — comes back).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str] | None, secret: Any, threshold: float, *, store_embeddings: bool = False
+    ) -> None:
+        from anonloader.identity.mapper import resolve_secret
+
+        self.path = Path(path) if path is not None else None
+        self.secret = resolve_secret(secret)
+        self.threshold = float(threshold)
+        self.store_embeddings = bool(store_embeddings)
+        self.keys: list[str] = []
+        self.digests: list[str] = []
+        self.sums: list[torch.Tensor] = []
+        if self.path is not None and self.path.exists():
+            self._load()
+
+    def _digest(self, key: str) -> str:
+        return self.secret.digest(b"anonloader/registry/v1\0" + key.encode()).hex()
+
+    def key_of(self, embeddings: torch.Tensor, content_hashes: Sequence[str]) -> list[str]:
+        """Keys of ``F,D`` L2-normalised embeddings, in order (registers new identities)."""
+        out = []
+        for vector, content in zip(torch.nn.functional.normalize(embeddings.float(), dim=1), content_hashes):
+            live = [i for i, s in enumerate(self.sums) if s is not None]
+            best = None
+            if live:
+                centroids = torch.nn.functional.normalize(torch.stack([self.sums[i] for i in live]), dim=1)
+                sims = centroids @ vector
+                j = int(sims.argmax())
+                if float(sims[j]) >= self.threshold:
+                    best = live[j]
+            if best is None:
+                key = "online:" + content
+                digest = self._digest(key)
+                if digest in self.digests:  # the same crop came back after a restart
+                    best = self.digests.index(digest)
+                    self.keys[best] = key
+                    self.sums[best] = vector.clone()
+                else:
+                    self.keys.append(key)
+                    self.digests.append(digest)
+                    self.sums.append(vector.clone())
+                    best = len(self.keys) - 1
+            else:
+                self.sums[best] = self.sums[best] + vector
+            out.append(self.keys[best])
+        return out
+
+    def save(self) -> None:
+        if self.path is None:
+            raise ConfigError("IdentityRegistry.save needs a path")
+        state: dict[str, Any] = {
+            "format": "anonloader-identity-registry",
+            "version": 1,
+            "check": self.secret.check_value(),
+            "threshold": self.threshold,
+            "digests": self.digests,
+            "store_embeddings": self.store_embeddings,
+        }
+        if self.store_embeddings:
+            state["keys"] = self.keys
+            state["embeddings"] = [
+                None if s is None else torch.nn.functional.normalize(s, dim=0).tolist() for s in self.sums
+            ]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as handle:
+            json.dump(state, handle)
+        os.replace(handle.name, self.path)
+
+    def _load(self) -> None:
+        assert self.path is not None
+        state = json.loads(self.path.read_text())
+        if state.get("format") != "anonloader-identity-registry":
+            raise IdentityError(f"{self.path} is not an anonloader identity registry")
+        if state.get("check") != self.secret.check_value():
+            raise SecretError(f"the secret does not match the identity registry {self.path}; use the secret it was written with")
+        self.digests = list(state["digests"])
+        if state.get("store_embeddings") and "embeddings" in state:
+            self.keys = list(state["keys"])
+            self.sums = [None if e is None else torch.tensor(e) for e in state["embeddings"]]
+        else:
+            self.keys = ["" for _ in self.digests]
+            self.sums = [None for _ in self.digests]  # type: ignore[misc]

@@ -1,0 +1,323 @@
+"""The keyed, stable real-to-synthetic identity mapping.
+
+``digest = HMAC-SHA256(secret, "anonloader/key/v1\\0" + key)`` turns a real-identity key (a
+dataset label, a track id, a cluster's canonical content hash) into a keyed digest that nobody
+without the secret can link back to the key. From the digest:
+
+- the candidate order over the bank: ``c_j = int(HMAC-SHA256(secret, digest || j)) mod N`` for
+  ``j = 0, 1, ...`` (repeats skipped, then the remaining ids in ascending order), a pure function
+  of (secret, key, bank size) — the same on every process and machine;
+- the generation seed: the first 63 bits of ``SHA-256("anonloader/seed/v1" || digest)``.
+
+The synthetic identity is the first candidate that is (a) not within the recognizer's threshold
+of the real face (``cos(real, bank[c]) < threshold - margin``; the margin keeps the decision the
+same for every photo of one person) and (b) not yet given to another key in this mapper's
+assignment table. The table (``digest -> synthetic id``) makes distinct keys get distinct
+synthetic identities while the bank has free ones (after that, ids are shared: the first
+admissible candidate). Without a persisted table, two keys may collide with birthday
+probability ``~k^2 / 2N``; :meth:`KeyedMapper.map_many` assigns a whole set of keys in
+canonical (digest) order, so the result does not depend on the order keys were seen.
+
+The table persists as JSON with only keyed digests, synthetic ids, the bank fingerprint and a
+keyed check value ``HMAC(secret, "anonloader/check/v1")``: loading it with another secret
+raises :class:`~anonloader.errors.SecretError` instead of silently mapping differently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from anonloader.errors import ConfigError, IdentityError, SecretError
+from anonloader.identity.base import IdentityAssignment
+
+__all__ = [
+    "SECRET_ENV",
+    "SECRET_FILE_ENV",
+    "KeyedMapper",
+    "Secret",
+    "resolve_secret",
+    "seed_from_digest",
+]
+
+SECRET_ENV = "ANONLOADER_SECRET"
+SECRET_FILE_ENV = "ANONLOADER_SECRET_FILE"
+_STORE_FORMAT = "anonloader-identity-map"
+_STORE_VERSION = 1
+
+
+class Secret:
+    """The user's mapping secret. Its ``repr`` never shows the value; it does not pickle into logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        if not value:
+            raise SecretError("the identity mapping secret is empty; set a random value of at least 16 bytes")
+        self._value = bytes(value)
+
+    def digest(self, message: bytes) -> bytes:
+        """HMAC-SHA256 of ``message`` under the secret."""
+        return hmac.new(self._value, message, hashlib.sha256).digest()
+
+    def check_value(self) -> str:
+        """A keyed check value (HMAC of a constant): tells a wrong secret apart, reveals nothing."""
+        return self.digest(b"anonloader/check/v1").hex()[:32]
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and hmac.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:
+        return hash(self.check_value())
+
+    def __getstate__(self) -> bytes:
+        return self._value
+
+    def __setstate__(self, state: bytes) -> None:
+        self._value = state
+
+
+def resolve_secret(secret: str | bytes | Secret | None = None, secret_file: str | os.PathLike[str] | None = None) -> Secret:
+    """The mapping secret from (in order) ``secret``, ``secret_file``, ``$ANONLOADER_SECRET`` or
+    the file named by ``$ANONLOADER_SECRET_FILE``; :class:`SecretError` when none is given."""
+    if isinstance(secret, Secret):
+        return secret
+    if secret is not None:
+        return Secret(secret.encode() if isinstance(secret, str) else bytes(secret))
+    file = secret_file or os.environ.get(SECRET_FILE_ENV)
+    if file:
+        path = Path(file).expanduser()
+        try:
+            value = path.read_bytes().strip()
+        except OSError as error:
+            raise SecretError(f"cannot read the secret file {path}: {error.strerror}") from error
+        return Secret(value)
+    env = os.environ.get(SECRET_ENV)
+    if env:
+        return Secret(env.encode())
+    raise SecretError(
+        "a keyed identity mapping needs a secret and none was given: pass secret=... or "
+        f"secret_file=..., or set the {SECRET_ENV} environment variable (or {SECRET_FILE_ENV} to "
+        "a file holding it). Use a random value of at least 16 bytes, e.g. "
+        "`python -c 'import secrets; print(secrets.token_hex(32))'`, and keep it: another secret "
+        "gives another mapping."
+    )
+
+
+def seed_from_digest(digest: str) -> int:
+    """63-bit generation seed of a keyed digest (hex)."""
+    return int.from_bytes(hashlib.sha256(b"anonloader/seed/v1" + bytes.fromhex(digest)).digest()[:8], "big") >> 1
+
+
+@dataclass
+class _Table:
+    assignments: dict[str, int]
+
+
+class KeyedMapper:
+    """Keyed, deterministic real key -> synthetic identity in a bank (see module doc).
+
+    Args:
+        secret: the secret, or None to take it from the environment (:func:`resolve_secret`).
+        bank: an :class:`~anonloader.identity.bank.IdentityBank` (or None: digests and seeds
+            only, ``synthetic_id=None``), or an int bank size (no similarity skipping).
+        threshold: cosine similarity at which a bank identity counts as the real person
+            (default: the embedder's threshold, else 0.917 = dlib's).
+        margin: skip candidates with cosine ``>= threshold - margin``.
+        store: path of a persisted assignment table (JSON); created on :meth:`save`.
+        secret_file: file holding the secret (instead of ``secret``).
+    """
+
+    def __init__(
+        self,
+        secret: str | bytes | Secret | None,
+        bank: Any = None,
+        *,
+        embedder: Any = None,
+        threshold: float | None = None,
+        margin: float = 0.05,
+        store: str | os.PathLike[str] | None = None,
+        secret_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.secret = resolve_secret(secret, secret_file)
+        self.bank = bank
+        self.embedder = embedder
+        if threshold is None:
+            threshold = getattr(embedder, "threshold", None) or 0.917
+        self.threshold = float(threshold)
+        self.margin = float(margin)
+        self.store = Path(store) if store is not None else None
+        self._table = _Table({})
+        self._taken: dict[int, str] = {}
+        if self.store is not None and self.store.exists():
+            self._load_store()
+
+    # ---------------------------------------------------------------- keys and candidates
+    @property
+    def bank_size(self) -> int:
+        if self.bank is None:
+            return 0
+        return int(self.bank) if isinstance(self.bank, int) else len(self.bank)
+
+    def bank_fingerprint(self) -> str | None:
+        if self.bank is None:
+            return None
+        if isinstance(self.bank, int):
+            return f"size:{self.bank}"
+        return self.bank.fingerprint()
+
+    def digest(self, key: str) -> str:
+        """Keyed hex digest of a real-identity key."""
+        if not isinstance(key, str):
+            raise ConfigError(f"identity keys are strings, got {type(key).__name__}")
+        return self.secret.digest(b"anonloader/key/v1\0" + key.encode("utf-8")).hex()
+
+    def candidates(self, digest: str) -> Iterator[int]:
+        """The candidate order over the bank for a keyed digest (each id once, lazily)."""
+        n = self.bank_size
+        seen: set[int] = set()
+        raw = bytes.fromhex(digest)
+        for j in range(4 * n):
+            value = int.from_bytes(self.secret.digest(b"anonloader/candidate/v1" + raw + j.to_bytes(4, "big")), "big") % n
+            if value not in seen:
+                seen.add(value)
+                yield value
+                if len(seen) == n:
+                    return
+        yield from (i for i in range(n) if i not in seen)
+
+    def _admissible(self, candidate: int, real_embedding: torch.Tensor | None) -> bool:
+        if real_embedding is None or isinstance(self.bank, int) or getattr(self.bank, "embeddings", None) is None:
+            return True
+        bank_vector = self.bank.embeddings[candidate].float()
+        real = torch.nn.functional.normalize(real_embedding.float().reshape(-1), dim=0)
+        if bank_vector.shape != real.shape:
+            raise IdentityError(
+                f"the real face's embedding has {real.numel()} dims but the bank was built with "
+                f"{bank_vector.numel()}; build the bank with the same recognizer"
+            )
+        return float(bank_vector @ real) < self.threshold - self.margin
+
+    # ---------------------------------------------------------------- mapping
+    def map(self, key: str, real_embedding: torch.Tensor | None = None) -> IdentityAssignment:
+        """The synthetic identity of one real key.
+
+        Args:
+            key: the real-identity key (never stored; only its keyed digest is).
+            real_embedding: ``D float`` recognizer embedding of the real face (any normalisation),
+                used to skip bank identities within the recognizer threshold.
+        """
+        digest = self.digest(key)
+        seed = seed_from_digest(digest)
+        if self.bank_size == 0:
+            return IdentityAssignment(digest, None, seed)
+        if digest in self._table.assignments:
+            return IdentityAssignment(digest, self._table.assignments[digest], seed)
+        first_admissible = None
+        chosen = None
+        for candidate in self.candidates(digest):
+            if not self._admissible(candidate, real_embedding):
+                continue
+            if first_admissible is None:
+                first_admissible = candidate
+            if candidate not in self._taken:
+                chosen = candidate
+                break
+        if chosen is None:
+            if first_admissible is None:
+                raise IdentityError(
+                    "every identity in the bank is within the recognizer threshold of this face; "
+                    "use a larger or more diverse bank"
+                )
+            chosen = first_admissible  # the bank is exhausted: identities are shared from here on
+        self._table.assignments[digest] = chosen
+        self._taken.setdefault(chosen, digest)
+        return IdentityAssignment(digest, chosen, seed)
+
+    def map_many(self, keys: list[str], real_embeddings: torch.Tensor | None = None) -> list[IdentityAssignment]:
+        """Map a set of keys in canonical (digest) order, so the result does not depend on their order.
+
+        Args:
+            keys: real-identity keys (repeats allowed).
+            real_embeddings: ``K,D`` embeddings aligned with ``keys`` (for a repeated key, the
+                first row is used), or None.
+        """
+        digests = [self.digest(k) for k in keys]
+        first: dict[str, int] = {}
+        for i, d in enumerate(digests):
+            first.setdefault(d, i)
+        by_digest: dict[str, IdentityAssignment] = {}
+        for d in sorted(first):
+            i = first[d]
+            by_digest[d] = self.map(keys[i], None if real_embeddings is None else real_embeddings[i])
+        return [by_digest[d] for d in digests]
+
+    # ---------------------------------------------------------------- persisted table
+    def state(self) -> dict[str, Any]:
+        """The persisted form: keyed digests, synthetic ids, bank fingerprint, check value."""
+        return {
+            "format": _STORE_FORMAT,
+            "version": _STORE_VERSION,
+            "check": self.secret.check_value(),
+            "bank": self.bank_fingerprint(),
+            "threshold": self.threshold,
+            "margin": self.margin,
+            "assignments": dict(sorted(self._table.assignments.items())),
+        }
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write the assignment table (atomically) to ``path`` or the mapper's ``store``."""
+        target = Path(path) if path is not None else self.store
+        if target is None:
+            raise ConfigError("KeyedMapper.save needs a path (or construct the mapper with store=...)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp") as handle:
+            json.dump(self.state(), handle, indent=1, sort_keys=True)
+        os.replace(handle.name, target)
+        return target
+
+    def _load_store(self) -> None:
+        assert self.store is not None
+        try:
+            state = json.loads(self.store.read_text())
+        except (OSError, ValueError) as error:
+            raise IdentityError(f"cannot read the identity mapping store {self.store}: {error}") from error
+        if state.get("format") != _STORE_FORMAT:
+            raise IdentityError(f"{self.store} is not an anonloader identity mapping store")
+        if not hmac.compare_digest(str(state.get("check", "")), self.secret.check_value()):
+            raise SecretError(
+                f"the secret does not match the identity mapping store {self.store}: it was written "
+                f"with another secret. Use the original secret ({SECRET_ENV} or secret_file), or a "
+                "new store path to start a new mapping."
+            )
+        if state.get("bank") != self.bank_fingerprint():
+            raise IdentityError(
+                f"the identity mapping store {self.store} was written for another bank "
+                f"({state.get('bank')}); use the same bank or a new store path"
+            )
+        self._table = _Table({str(k): int(v) for k, v in state.get("assignments", {}).items()})
+        self._taken = {}
+        for digest, synthetic in sorted(self._table.assignments.items()):
+            self._taken.setdefault(synthetic, digest)
+
+    def config(self) -> dict[str, Any]:
+        """Settings that change assignments — the secret only as its keyed check value."""
+        return {
+            "check": self.secret.check_value(),
+            "bank": self.bank_fingerprint(),
+            "threshold": self.threshold,
+            "margin": self.margin,
+            "persisted": self.store is not None,
+        }
