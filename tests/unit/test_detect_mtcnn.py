@@ -147,3 +147,28 @@ def test_backend_failure_is_a_detection_error_naming_the_image():
 def test_invalid_settings(kwargs):
     with pytest.raises(ConfigError):
         MTCNNDetector(**kwargs)
+
+
+class _DetectedFaceCounts(torch.utils.data.Dataset):
+    """Counts faces with the detector inside DataLoader workers."""
+
+    def __init__(self, detector: MTCNNDetector, image: torch.Tensor):
+        self.detector, self.image = detector, image
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        image = self.image if index == 0 else torch.full_like(self.image, 0.5)
+        return len(self.detector([image])[0])
+
+
+def test_runs_in_spawned_dataloader_workers(detector, astronaut_small):
+    detector([astronaut_small])  # the parent's networks are built; workers must build their own
+    loader = torch.utils.data.DataLoader(
+        _DetectedFaceCounts(detector, astronaut_small),
+        batch_size=None,
+        num_workers=1,
+        multiprocessing_context="spawn",
+    )
+    assert [int(n) for n in loader] == [1, 0]
