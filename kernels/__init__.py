@@ -12,5 +12,7 @@ The functions are bound eagerly (not through a lazy ``__getattr__``) because ``p
 from __future__ import annotations
 
 from .attention import KV, BlendedKV, BlendedStates, MultiSourceAttnProcessor, multi_source_attention
+from .paste_back import paste_back
+from .patch_stats import patch_stats
 
-__all__ = ["KV", "BlendedKV", "BlendedStates", "MultiSourceAttnProcessor", "multi_source_attention"]
+__all__ = ["KV", "BlendedKV", "BlendedStates", "MultiSourceAttnProcessor", "multi_source_attention", "patch_stats", "paste_back"]
