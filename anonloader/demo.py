@@ -19,7 +19,7 @@ __all__ = ["contact_sheet", "register", "run_demo"]
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:

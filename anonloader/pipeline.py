@@ -39,6 +39,12 @@ logger = logging.getLogger(__name__)
 OnError = Literal["obscure", "drop", "raise"]
 OnNoFace = Literal["keep", "drop", "obscure"]
 _SEED_MASK = (1 << 63) - 1
+#: what :attr:`Anonymizer.counters` counts
+COUNTERS = ("images", "faces", "anonymized", "failed", "dropped", "obscured")
+
+
+def _new_counters() -> Counter[str]:
+    return Counter(dict.fromkeys(COUNTERS, 0))
 
 
 @dataclass
@@ -153,7 +159,7 @@ class Anonymizer:
         self.color_match = color_match
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = _new_counters()
 
     # -- settings ---------------------------------------------------------------------------
     @property
@@ -420,5 +426,5 @@ class Anonymizer:
     # -- pickling: models stay behind, each process loads its own ---------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["counters"] = Counter()
+        state["counters"] = _new_counters()
         return state
