@@ -1,0 +1,236 @@
+"""``anonloader precompute`` and ``anonloader cache stats | verify | merge``.
+
+    anonloader precompute ./images ./faces.lmdb --method blur --workers 2
+    anonloader precompute mypkg.data:make_dataset ./faces.lmdb --engine ray --workers 4
+    torchrun --nproc_per_node 8 -m anonloader.cache.commands precompute hf-user/faces ./out \\
+        --split train --engine torchrun
+    anonloader cache stats ./faces.lmdb
+    anonloader cache verify ./out            # every checksum of every shard
+    anonloader cache merge ./out ./merged.lmdb
+
+The secret is read from an environment variable (``--secret-env``, default
+``ANONLOADER_SECRET``) or a file (``--secret-file``), never from the command line (where any
+user could read it in the process list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from anonloader.errors import CacheCorruptError, CacheError, CacheFingerprintError, ConfigError
+
+__all__ = ["main", "merge_caches", "register"]
+
+
+def _secret(args: argparse.Namespace) -> str | bytes | None:
+    if args.secret_file is not None:
+        try:
+            return Path(args.secret_file).read_bytes().strip()
+        except OSError as error:
+            raise ConfigError(f"cannot read the secret file {args.secret_file} ({error.strerror})") from error
+    return os.environ.get(args.secret_env) or None
+
+
+def _import(spec: str | None) -> Any:
+    if spec is None:
+        return None
+    from anonloader.cache.precompute import _import_object
+
+    return _import_object(spec)
+
+
+def _run_precompute(args: argparse.Namespace) -> int:
+    from anonloader.cache.precompute import precompute
+
+    options: dict[str, Any] = {"method": args.method, "on_error": args.on_error, "on_no_face": args.on_no_face, "device": args.device}
+    annotations = _import(args.annotations)
+    if args.detector != "none":
+        options["detector"] = args.detector
+    elif annotations is None:
+        raise ConfigError("--detector none needs --annotations pkg.module:function giving each sample's faces")
+    image_key: Any = args.image_key
+    if image_key is not None and image_key.isdigit():
+        image_key = int(image_key)
+    report = precompute(
+        args.source,
+        args.cache,
+        split=args.split,
+        image_key=image_key,
+        annotations=annotations,
+        identity_label=_import(args.identity_label),
+        secret=_secret(args),
+        codec=args.codec,
+        workers=args.workers,
+        engine=args.engine,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        progress=not args.quiet,
+        **options,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"{report.cache_path}: {report.computed} computed, {report.skipped} already cached, "
+            f"{report.dropped} dropped, of {report.total} samples in {report.seconds:.1f}s "
+            f"({report.images_per_second:.2f} samples/s, engine {report.engine})"
+        )
+    return 0
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from anonloader.cache.store import AnonCache
+
+    with AnonCache(args.cache) as cache:
+        stats = cache.stats()
+    if args.json:
+        print(json.dumps(stats, indent=1, sort_keys=True))
+    else:
+        for name in sorted(stats):
+            print(f"{name:20s} {stats[name]}")
+    return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from anonloader.cache.store import AnonCache
+
+    with AnonCache(args.cache) as cache:
+        report = cache.verify(decode=args.decode)
+    for problem in report.corrupt:
+        print(f"CORRUPT {problem}")
+    print(f"{args.cache}: checked {report.entries} entries and {report.samples} samples, {len(report.corrupt)} corrupt")
+    return 0 if report.ok else 1
+
+
+def merge_caches(sources: Sequence[str | os.PathLike[str]], destination: str | os.PathLike[str], *, batch: int = 256) -> dict[str, int]:
+    """Copies every entry and sample of ``sources`` (caches, shard folders or manifests) into
+    one LMDB at ``destination``, checking each checksum on the way.
+
+    Raises:
+        CacheFingerprintError: the sources were written by different pipelines or secrets.
+        CacheCorruptError: a source value's checksum does not match (nothing corrupt is copied).
+    """
+    from anonloader.cache.store import AnonCache, SampleRecord, unpack_entry
+
+    readers = [AnonCache(path) for path in sources]
+    try:
+        metas = [reader.meta for reader in readers]
+        if len({(m["fingerprint"], m["salt_check"]) for m in metas}) > 1:
+            raise CacheFingerprintError(
+                "the caches to merge were written by different pipelines or secrets: "
+                + ", ".join(f"{path} ({m['fingerprint'][:12]}…)" for path, m in zip(sources, metas, strict=True))
+            )
+        first = metas[0]
+        target = AnonCache(
+            destination,
+            writable=True,
+            fingerprint=first["fingerprint"],
+            salt_check=first["salt_check"],
+            codec=first.get("codec", {}).get("name", "png"),
+            method=first.get("method"),
+        )
+        counts = {"entries": 0, "samples": 0}
+        try:
+            sizes = [m.get("source_size") for m in metas if m.get("source_size") is not None]
+            if sizes:
+                target.set_source_size(max(sizes))
+            for reader in readers:
+                pending: list[tuple[bytes, bytes]] = []
+                for path, key, value in reader.iter_entries():
+                    unpack_entry(value, f"entry {key.hex()} in {path}")
+                    pending.append((key, value))
+                    if len(pending) >= batch:
+                        target.write_encoded(pending)
+                        counts["entries"] += len(pending)
+                        pending = []
+                target.write_encoded(pending)
+                counts["entries"] += len(pending)
+                samples: list[tuple[int, bytes]] = []
+                for path, index, value in reader.iter_samples():
+                    SampleRecord.unpack(value, f"sample {index} in {path}")
+                    samples.append((index, value))
+                    if len(samples) >= batch:
+                        target.write_encoded([], samples)
+                        counts["samples"] += len(samples)
+                        samples = []
+                target.write_encoded([], samples)
+                counts["samples"] += len(samples)
+        finally:
+            target.close()
+        return counts
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    counts = merge_caches(args.sources, args.destination)
+    print(f"{args.destination}: merged {counts['entries']} entries and {counts['samples']} samples from {len(args.sources)} source(s)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``precompute`` and ``cache`` to the ``anonloader`` command."""
+    pre = subparsers.add_parser(
+        "precompute",
+        help="anonymize a dataset once into an LMDB cache",
+        description="Anonymizes every sample of SOURCE into the cache at CACHE (resumable: samples "
+        "already in the cache are skipped). Training then reads AnonCache(CACHE).as_dataset().",
+    )
+    pre.add_argument("source", help="a folder of images, pkg.module:factory, a saved HF dataset folder, or an HF dataset name")
+    pre.add_argument("cache", type=Path, help="cache path (a folder; torchrun writes shards and manifest.json in it)")
+    pre.add_argument("--split", default=None, help="split of a Hugging Face dataset (default train)")
+    pre.add_argument("--method", default="blur", help="blur | pixelate | mask | fams | iddiffuse")
+    pre.add_argument("--detector", default="mtcnn", help="mtcnn | scrfd | none (with --annotations)")
+    pre.add_argument("--annotations", default=None, help="pkg.module:function(sample) -> the sample's face boxes")
+    pre.add_argument("--identity-label", default=None, help="pkg.module:function(sample) -> identity label")
+    pre.add_argument("--image-key", default=None, help="dict key or tuple position of the image")
+    pre.add_argument("--codec", default="png", help="png (default, lossless) | webp | jpeg[:quality] | raw")
+    pre.add_argument("--workers", type=int, default=1, help="processes (local, torchrun per rank) or actors (ray)")
+    pre.add_argument("--engine", choices=("local", "ray", "torchrun"), default="local")
+    pre.add_argument("--batch-size", type=int, default=8, help="samples per commit / per Ray batch")
+    pre.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    pre.add_argument("--device", default="cpu")
+    pre.add_argument("--on-error", choices=("obscure", "drop", "raise"), default="obscure")
+    pre.add_argument("--on-no-face", choices=("keep", "drop", "obscure"), default="keep")
+    pre.add_argument("--secret-env", default="ANONLOADER_SECRET", help="environment variable holding the secret")
+    pre.add_argument("--secret-file", default=None, help="file holding the secret")
+    pre.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pre.set_defaults(run=_run_precompute)
+
+    cache = subparsers.add_parser("cache", help="inspect, verify and merge anonymized caches")
+    actions = cache.add_subparsers(dest="action", required=True)
+    stats = actions.add_parser("stats", help="counts, size, fingerprint, method, codec")
+    stats.add_argument("cache", type=Path)
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(run=_run_stats)
+    verify = actions.add_parser("verify", help="check every checksum (exit 1 when any entry is corrupt)")
+    verify.add_argument("cache", type=Path)
+    verify.add_argument("--decode", action="store_true", help="also decode every image")
+    verify.set_defaults(run=_run_verify)
+    merge = actions.add_parser("merge", help="merge caches or shards into one LMDB")
+    merge.add_argument("sources", type=Path, nargs="+")
+    merge.add_argument("destination", type=Path)
+    merge.set_defaults(run=_run_merge)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs only these subcommands (``python -m anonloader.cache.commands``, e.g. under torchrun)."""
+    from anonloader.errors import AnonloaderError
+
+    parser = argparse.ArgumentParser(prog="anonloader")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (AnonloaderError, CacheError, CacheCorruptError) as error:
+        print(f"anonloader {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
