@@ -87,16 +87,28 @@ class KeyedIdentityAssigner:
         )
         self._trackers: dict[str, FaceTracker] = {}
         self._assigned: dict[str, IdentityAssignment] = {}
+        self._embedding_cache: dict[str, torch.Tensor] = {}
 
     @property
     def threshold(self) -> float:
         return float(getattr(self.embedder, "threshold", self.mapper.threshold))
 
     def embed(self, crops: torch.Tensor) -> torch.Tensor:
-        """``F,D`` embeddings of ``F,3,S,S`` crops (needs an embedder)."""
+        """``F,D`` embeddings of ``F,3,S,S`` crops (needs an embedder).
+
+        Kept in memory by crop content hash (at most 4096), so that :meth:`fit` followed by
+        :meth:`assign` over the same crops runs the recognizer once; never written to disk.
+        """
         if self.embedder is None:
             raise ConfigError(f"the {self.strategy!r} strategy needs an embedder")
-        return self.embedder(crops)
+        hashes = [face_content_hash(c) for c in crops]
+        todo = [f for f, h in enumerate(hashes) if h not in self._embedding_cache]
+        if todo:
+            if len(self._embedding_cache) + len(todo) > 4096:
+                self._embedding_cache.clear()
+            for f, vector in zip(todo, self.embedder(crops[todo])):
+                self._embedding_cache[hashes[f]] = vector
+        return torch.stack([self._embedding_cache[h] for h in hashes])
 
     def fit(self, crops: torch.Tensor | None = None, *, embeddings: torch.Tensor | None = None, content_hashes: Sequence[str] | None = None) -> ClusterResult:
         """Pass 2 of the ``cluster`` strategy: cluster every face of the dataset and map each
@@ -164,6 +176,11 @@ class KeyedIdentityAssigner:
                 self._assigned[digest] = self.mapper.map(key, None if embeddings is None else embeddings[f])
             out.append(self._assigned[digest])
         return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_embedding_cache"] = {}
+        return state
 
     def save(self) -> None:
         """Persist the mapper's table and the online registry (where paths were given)."""

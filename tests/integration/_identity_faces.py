@@ -38,3 +38,24 @@ def aligned_crops(image: torch.Tensor, detections: Detections | None = None, cro
 
     detections = detect_faces(image) if detections is None else detections
     return align_faces([image], [detections], crop_size=crop_size, template="arcface").crops
+
+
+@functools.lru_cache(maxsize=4)
+def t1_crops(changed: bool = False) -> torch.Tensor:
+    """t1's six arcface-aligned 112 crops (left to right); with ``changed``, from the photo
+    rescaled to 80 %, brightened (x1.15 + 0.03) and rotated by 3 degrees (same people, other pixels)."""
+    from anonloader.assets import sample_photo
+
+    image = torch.from_numpy(np.asarray(sample_photo("t1"), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    if changed:
+        image = changed_photo(image)
+    return aligned_crops(image)
+
+
+def changed_photo(image: torch.Tensor) -> torch.Tensor:
+    """Rescaled to 80 %, brightened and rotated by 3 degrees."""
+    import kornia
+
+    small = torch.nn.functional.interpolate(image[None], scale_factor=0.8, mode="bilinear", antialias=True, align_corners=False)
+    bright = (small * 1.15 + 0.03).clamp(0, 1)
+    return kornia.geometry.transform.rotate(bright, torch.tensor([3.0]), padding_mode="reflection")[0].clamp(0, 1)
