@@ -1,0 +1,242 @@
+"""``IDDiffuse``: the anonymization method (``method="iddiffuse"``) around a trained network.
+
+Per face: the synthetic identity image x̂ (from ``conditions.extra["synthetic_images"]``, else
+``bank.images[conditions.synthetic_ids[i]]``, else — with a bank but no mapper —
+``bank.images[seed % len(bank)]``), its E_I feature, the E_t tokens of the real crop, and a
+DDIM (default) or DDPM sampler started from noise drawn from ``torch.Generator(seed)`` of that
+face alone, so a face's output depends only on its crop, identity and seed.
+
+``gamma`` (paper sec. 4, Fig. 5a): the identity condition is ``(1-γ) E_I(x̂) + γ E_I(x)``;
+``gamma=0`` (default) is the full synthetic identity, ``gamma=1`` keeps the original.
+``guidance_scale`` > 1 applies classifier-free guidance against the null conditions.
+
+Checkpoint layout (``save_pretrained(path)``): ``path/iddiffuse.json`` (format, network config,
+sampling settings) and ``path/model.safetensors`` (every weight: recognizers, mapper, texture
+head, UNet — EMA weights when exported from training). The identity bank is separate
+(``IdentityBank.save`` / ``load``) and passed as ``bank=``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from anonloader.errors import ConfigError, MethodError, ModelLoadError
+from anonloader.methods.iddiffuse.network import IDDiffuseNetwork
+from anonloader.types import FaceConditions
+
+__all__ = ["IDDiffuse"]
+
+_FORMAT = "anonloader-iddiffuse"
+_FORMAT_VERSION = 1
+_CONFIG_FILE = "iddiffuse.json"
+_WEIGHTS_FILE = "model.safetensors"
+
+
+def _state_hash(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class IDDiffuse:
+    """Dual-conditional diffusion anonymizer (Shaheryar et al., IDDiffuse).
+
+    Args:
+        pretrained: a folder written by :meth:`save_pretrained` (or by ``train.py``).
+        config: a preset name (``"paper"``, ``"tiny"``) or network config dict to build a network
+            with **random weights** (tests, smoke runs); ignored with ``pretrained``.
+        network: an already built :class:`IDDiffuseNetwork` (e.g. from training).
+        bank: an ``IdentityBank`` with ``images`` — the synthetic identities.
+        sampler: ``"ddim"`` or ``"ddpm"``.
+        num_inference_steps: sampler steps (DDPM ignores it and uses all T steps).
+        gamma: identity interpolation in [0,1] (0 = synthetic, 1 = original).
+        guidance_scale: classifier-free guidance weight (1 = off).
+        eta: DDIM stochasticity (0 = deterministic given the initial noise).
+        device: where the network runs; crops are returned on their own device.
+    """
+
+    name = "iddiffuse"
+    template = "arcface"
+
+    def __init__(
+        self,
+        pretrained: str | Path | None = None,
+        *,
+        config: str | dict[str, Any] | None = None,
+        network: IDDiffuseNetwork | None = None,
+        bank: Any = None,
+        sampler: str = "ddim",
+        num_inference_steps: int = 50,
+        gamma: float = 0.0,
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if sampler not in ("ddim", "ddpm"):
+            raise ConfigError(f"IDDiffuse sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        if num_inference_steps < 1:
+            raise ConfigError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        self._weights_hash: str | None = None
+        if network is None:
+            if pretrained is not None:
+                network, self._weights_hash = self._load_network(Path(pretrained))
+            elif config is not None:
+                network = IDDiffuseNetwork(config)
+            else:
+                raise ConfigError(
+                    "IDDiffuse needs trained weights: pass pretrained=<folder from save_pretrained / "
+                    "python -m anonloader.methods.iddiffuse.train>, or config='tiny' for random weights"
+                )
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.crop_size = self.network.crop_size
+        self.bank = bank
+        self.sampler, self.num_inference_steps = sampler, int(num_inference_steps)
+        self.gamma, self.guidance_scale, self.eta = float(gamma), float(guidance_scale), float(eta)
+
+    # ------------------------------------------------------------------ checkpoints
+    @staticmethod
+    def _load_network(path: Path) -> tuple[IDDiffuseNetwork, str]:
+        from safetensors.torch import load_file
+
+        config_path, weights_path = path / _CONFIG_FILE, path / _WEIGHTS_FILE
+        if not config_path.is_file() or not weights_path.is_file():
+            raise ModelLoadError(f"{path} is not an IDDiffuse checkpoint: expected {_CONFIG_FILE} and {_WEIGHTS_FILE}")
+        meta = json.loads(config_path.read_text())
+        if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
+            raise ModelLoadError(f"{config_path} has format {meta.get('format')!r} v{meta.get('version')}; expected {_FORMAT} v{_FORMAT_VERSION}")
+        network = IDDiffuseNetwork(meta["network"])
+        try:
+            network.load_state_dict(load_file(str(weights_path)))
+        except RuntimeError as exc:
+            raise ModelLoadError(f"weights in {weights_path} do not match the config in {config_path}: {exc}") from exc
+        digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+        return network, digest
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> IDDiffuse:
+        """Load a folder written by :meth:`save_pretrained`; ``kwargs`` as in the constructor."""
+        meta_path = Path(path) / _CONFIG_FILE
+        sampling = json.loads(meta_path.read_text()).get("sampling", {}) if meta_path.is_file() else {}
+        return cls(pretrained=path, **{**sampling, **kwargs})
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``iddiffuse.json`` and ``model.safetensors`` under ``path``; returns ``path``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
+        save_file(state, str(path / _WEIGHTS_FILE))
+        meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "network": self.network.config(),
+                "sampling": self._sampling()}
+        (path / _CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return path
+
+    def _sampling(self) -> dict[str, Any]:
+        return {"sampler": self.sampler, "num_inference_steps": self.num_inference_steps, "gamma": self.gamma,
+                "guidance_scale": self.guidance_scale, "eta": self.eta}
+
+    def config(self) -> dict[str, Any]:
+        if self._weights_hash is None:
+            self._weights_hash = _state_hash(self.network)
+        bank = None if self.bank is None else self.bank.fingerprint()
+        return {"name": self.name, "crop_size": self.crop_size, "template": self.template, **self._sampling(),
+                "network": self.network.config(), "weights_sha256": self._weights_hash, "bank": bank}
+
+    # ------------------------------------------------------------------ inference
+    def synthetic_images(self, conditions: FaceConditions) -> torch.Tensor:
+        """``F,3,S,S float in [0,1]`` synthetic identity images for the faces of ``conditions``."""
+        extra = conditions.extra.get("synthetic_images")
+        if extra is not None:
+            images = torch.as_tensor(extra).float()
+            if images.ndim != 4 or images.shape[0] != len(conditions):
+                raise MethodError(f"conditions.extra['synthetic_images'] must be F,3,S,S with F={len(conditions)}, got {tuple(images.shape)}")
+        else:
+            if self.bank is None or getattr(self.bank, "images", None) is None:
+                raise MethodError(
+                    "IDDiffuse needs a synthetic identity image per face: pass bank=<IdentityBank with images> "
+                    "(e.g. IdentityBank.from_folder on a DCFace-style set) or conditions.extra['synthetic_images']"
+                )
+            n = len(self.bank)
+            index = [sid if sid is not None else seed % n for sid, seed in zip(conditions.synthetic_ids, conditions.seeds, strict=True)]
+            bad = [i for i in index if not 0 <= i < n]
+            if bad:
+                raise MethodError(f"synthetic ids {bad} are outside the bank of {n} identities; was the mapping made with another bank?")
+            images = self.bank.images[torch.tensor(index, dtype=torch.long)]
+        if images.shape[-1] != self.crop_size or images.shape[-2] != self.crop_size:
+            images = nn.functional.interpolate(images, size=(self.crop_size, self.crop_size), mode="bilinear", align_corners=False)
+        return images.clamp(0, 1)
+
+    def _make_scheduler(self) -> Any:
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        kwargs = dict(self.network.network_config["schedule"], clip_sample=True, prediction_type="epsilon")
+        if self.sampler == "ddim":
+            scheduler = DDIMScheduler(**kwargs, set_alpha_to_one=True)
+            scheduler.set_timesteps(min(self.num_inference_steps, self.network.num_train_timesteps))
+        else:
+            scheduler = DDPMScheduler(**kwargs)
+            scheduler.set_timesteps(self.network.num_train_timesteps)
+        return scheduler
+
+    @torch.no_grad()
+    def __call__(self, crops: torch.Tensor, conditions: FaceConditions) -> torch.Tensor:
+        """Anonymize ``F,3,S,S float32 in [0,1]`` aligned crops; returns the same shape/device."""
+        if crops.ndim != 4 or crops.shape[1] != 3 or crops.shape[-1] != self.crop_size or crops.shape[-2] != self.crop_size:
+            raise MethodError(f"IDDiffuse expects F,3,{self.crop_size},{self.crop_size} crops, got {tuple(crops.shape)}")
+        if len(conditions) != crops.shape[0]:
+            raise MethodError(f"{crops.shape[0]} crops but {len(conditions)} conditions")
+        if crops.shape[0] == 0:
+            return crops.clone()
+        out_device, dev = crops.device, self.device
+        real = crops.float().to(dev)
+        synthetic = self.synthetic_images(conditions).to(dev)
+        net = self.network
+        f_synthetic = net.identity_encoder(synthetic)
+        f_real = net.identity_encoder(real) if self.gamma != 0.0 else None
+        texture = net.texture_encoder(real)
+        generators = [torch.Generator(device="cpu").manual_seed(int(s) & 0x7FFF_FFFF_FFFF_FFFF) for s in conditions.seeds]
+        sample = torch.stack([torch.randn(real.shape[1:], generator=g) for g in generators]).to(dev)
+        scheduler = self._make_scheduler()
+        f = real.shape[0]
+        for t in scheduler.timesteps:
+            timesteps = torch.full((f,), int(t), device=dev, dtype=torch.long)
+            eps = net.unet(sample, timesteps, f_synthetic, texture, identity_b=f_real,
+                           gamma=self.gamma if f_real is not None else None)
+            if self.guidance_scale != 1.0:
+                drop = torch.ones(f, dtype=torch.bool, device=dev)
+                eps_null = net.unet(sample, timesteps, f_synthetic, texture, drop_identity=drop, drop_texture=drop)
+                eps = eps_null + self.guidance_scale * (eps - eps_null)
+            if self.sampler == "ddim":
+                noise = None
+                if self.eta > 0:
+                    noise = torch.stack([torch.randn(real.shape[1:], generator=g) for g in generators]).to(dev)
+                sample = scheduler.step(eps, t, sample, eta=self.eta, variance_noise=noise).prev_sample
+            else:
+                noise = torch.stack([torch.randn(real.shape[1:], generator=g) for g in generators]).to(dev)
+                sample = self._ddpm_step(scheduler, eps, int(t), sample, noise)
+        return ((sample + 1.0) / 2.0).clamp(0, 1).to(out_device, crops.dtype)
+
+    @staticmethod
+    def _ddpm_step(scheduler: Any, eps: torch.Tensor, t: int, sample: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """One ancestral DDPM step (Ho et al. eqs. 6-7, x0 clipped to [-1,1]) with caller-drawn
+        ``noise`` ``F,3,S,S`` (per-face generators keep each face independent of the batch)."""
+        ac = scheduler.alphas_cumprod.to(sample.device, sample.dtype)
+        ab_t = ac[t]
+        ab_prev = ac[t - 1] if t > 0 else torch.ones_like(ab_t)
+        beta_t = 1 - ab_t / ab_prev
+        x0 = ((sample - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()).clamp(-1.0, 1.0)
+        mean = (ab_prev.sqrt() * beta_t / (1 - ab_t)) * x0 + ((1 - beta_t).sqrt() * (1 - ab_prev) / (1 - ab_t)) * sample
+        if t == 0:
+            return mean
+        variance = (beta_t * (1 - ab_prev) / (1 - ab_t)).clamp(min=1e-20)
+        return mean + variance.sqrt() * noise
