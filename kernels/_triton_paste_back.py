@@ -108,10 +108,9 @@ def _paste_back_kernel(
             green = green * (1.0 - alpha) + (g00 + g01 + g10 + g11)
             blue = blue * (1.0 - alpha) + (b00 + b01 + b10 + b11)
     out_pix = ys[:, None].to(tl.int64) * W + xs[None, :].to(tl.int64)
-    plane = H.to(tl.int64) * W
     tl.store(Out + out_pix, red, mask=valid)
-    tl.store(Out + plane + out_pix, green, mask=valid)
-    tl.store(Out + 2 * plane + out_pix, blue, mask=valid)
+    tl.store(Out + (out_pix + H * W), green, mask=valid)
+    tl.store(Out + (out_pix + 2 * H * W), blue, mask=valid)
 
 
 def _image_boxes(affines: torch.Tensor, size: int, height: int, width: int) -> torch.Tensor:

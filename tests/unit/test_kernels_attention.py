@@ -199,3 +199,14 @@ def test_processor_extra_states_change_output_and_match_explicit_concat(tiny_une
             proc.clear()
         cleared = tiny_unet(sample, t, encoder_hidden_states=text).sample
         torch.testing.assert_close(cleared, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_benchmark_skips_cleanly_without_a_gpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run, not skip")
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("SKIP: no CUDA GPU")
