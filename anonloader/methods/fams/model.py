@@ -127,6 +127,7 @@ class FAMS:
             "sampler": sampler,
             "resolution": resolution,
         }
+        SamplingSettings(**{k: v for k, v in self._overrides.items() if v is not None})  # validates now
         self._given_components = components is not None
         self._components: FAMSComponents | None = components
         self._located: LoadedWeights | None = None
