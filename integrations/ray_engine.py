@@ -58,7 +58,7 @@ def run_ray(job: Any, cache: Any, report: Any, *, actors: int = 1, batch_size: i
         SampleActor,
         fn_constructor_args=(job,),
         batch_size=batch_size,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus >= 1 else 0,
         num_cpus=1,
         batch_format="numpy",

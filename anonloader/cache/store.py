@@ -236,10 +236,9 @@ def _open_env(key: str, path: Path, writable: bool, map_size: int) -> tuple[lmdb
     pid = os.getpid()
     if found is not None and found[0] == pid and (found[1] or not writable):
         return found[2], found[3]
-    if found is not None:
+    if found is not None:  # a read-only handle is upgraded to a writable one
         del _OPEN_ENVS[key]
-        if found[0] == pid:  # a read-only handle is upgraded to a writable one
-            found[2].close()
+        found[2].close()
     if writable:
         path.mkdir(parents=True, exist_ok=True)
         env = lmdb.open(str(path), map_size=map_size, max_dbs=len(_DATABASES), subdir=True)
@@ -256,6 +255,22 @@ def _open_env(key: str, path: Path, writable: bool, map_size: int) -> tuple[lmdb
             raise CacheError(f"{path} is an LMDB but not an anonloader cache") from error
     _OPEN_ENVS[key] = (pid, writable, env, dbs)
     return env, dbs
+
+
+def _drop_inherited_envs() -> None:
+    """In a forked child: close the handles inherited from the parent (py-lmdb refuses to open a
+    path twice per process). Closing only unmaps and closes the child's own descriptors; the
+    parent's handles and locks are untouched."""
+    inherited = list(_OPEN_ENVS.values())
+    _OPEN_ENVS.clear()
+    for _, _, env, _ in inherited:
+        try:
+            env.close()
+        except lmdb.Error:
+            pass
+
+
+os.register_at_fork(after_in_child=_drop_inherited_envs)
 
 
 def _close_env(key: str) -> None:
