@@ -2,7 +2,7 @@
 
 Same-person cases are built from one photo (t1.jpg's six people) with a geometric and
 photometric change: the whole photo rescaled to 80 %, brightened (x1.15 + 0.03) and rotated by
-3 degrees, then detected and aligned again. Different people are four of t1's faces.
+3 degrees, then detected and aligned again. Different people are three of t1's faces.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ SECRET = "integration-test-secret-0123456789"
 
 @pytest.fixture(scope="module")
 def faces():
-    """Four of t1's people in the original photo and in the changed photo, same order."""
+    """Three of t1's people in the original photo and in the changed photo, same order."""
     original, changed = t1_crops(False), t1_crops(True)
     assert len(original) == len(changed) == 6
-    return original[:4], changed[:4]
+    return original[:3], changed[:3]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_same_person_close_and_different_people_apart(faces):
     embedder = DlibEmbedder()
     a, b = embedder(original), embedder(changed)
     same = (a * b).sum(1)
-    cross = a @ a.T - 2 * torch.eye(4)
+    cross = a @ a.T - 2 * torch.eye(3)
     assert same.min() >= embedder.threshold, same
     assert cross.max() < embedder.threshold, cross
 
@@ -65,12 +65,12 @@ def test_cluster_strategy_same_person_same_id_shuffled_and_other_secret(faces, b
     original, changed = faces
     crops = torch.cat([original, changed])
     ids, seeds = _cluster_ids(crops, bank, SECRET)
-    assert ids[:4] == ids[4:] and seeds[:4] == seeds[4:]
-    assert len(set(ids[:4])) == 4
-    order = list(range(8))
+    assert ids[:3] == ids[3:] and seeds[:3] == seeds[3:]
+    assert len(set(ids[:3])) == 3
+    order = list(range(6))
     random.Random(3).shuffle(order)
     shuffled_ids, _ = _cluster_ids(crops[order], bank, SECRET)
-    assert [shuffled_ids[order.index(i)] for i in range(8)] == ids
+    assert [shuffled_ids[order.index(i)] for i in range(6)] == ids
     other_ids, _ = _cluster_ids(crops, bank, "another-secret-entirely-987654")
     assert other_ids != ids
 
@@ -110,7 +110,7 @@ def test_mapping_is_the_same_in_a_separate_process_and_store_has_no_embedding(fa
             assert torch.tensor(value).numpy().tobytes() not in store
     state = json.loads(store)
     assert set(state) == {"format", "version", "check", "bank", "threshold", "margin", "assignments"}
-    assert len(state["assignments"]) == 4 and all(len(d) == 64 for d in state["assignments"])
+    assert len(state["assignments"]) == 3 and all(len(d) == 64 for d in state["assignments"])
 
 
 def test_wrong_or_missing_secret_raises(faces, bank, tmp_path, monkeypatch):
@@ -134,10 +134,10 @@ def test_label_and_track_strategies(faces, bank):
     out = by_label.assign(crops, torch.tensor([0, 1, 0]), labels)
     assert out[0] == out[2] and out[0].synthetic_id != out[1].synthetic_id
     tracking = KeyedIdentityAssigner("track", secret=SECRET, bank=bank, embedder=embedder)
-    frame1 = tracking.assign(original, torch.zeros(4, dtype=torch.long), ["clip"])
-    frame2 = tracking.assign(changed.flip(0), torch.zeros(4, dtype=torch.long), ["clip"])
+    frame1 = tracking.assign(original, torch.zeros(3, dtype=torch.long), ["clip"])
+    frame2 = tracking.assign(changed.flip(0), torch.zeros(3, dtype=torch.long), ["clip"])
     assert [a.synthetic_id for a in frame2] == [a.synthetic_id for a in frame1][::-1]
-    assert len({a.synthetic_id for a in frame1}) == 4
+    assert len({a.synthetic_id for a in frame1}) == 3
 
 
 def test_bank_identity_within_threshold_of_the_real_face_is_skipped(faces):
@@ -150,5 +150,5 @@ def test_bank_identity_within_threshold_of_the_real_face_is_skipped(faces):
     bank = IdentityBank(torch.cat([look_alikes, stranger]))
     assigner = KeyedIdentityAssigner("cluster", secret=SECRET, bank=bank, embedder=embedder)
     assigner.fit(original)
-    for assignment, vector in zip(assigner.assign(original, torch.arange(4), None), real):
+    for assignment, vector in zip(assigner.assign(original, torch.arange(3), None), real):
         assert float(bank.embeddings[assignment.synthetic_id] @ vector) < embedder.threshold
