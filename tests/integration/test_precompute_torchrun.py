@@ -1,0 +1,66 @@
+"""torchrun (2 ranks, gloo) precompute equals a single-process run.
+
+Keys are salted with one secret; seeds come from face content, so any rank or actor computing
+a face produces the same bytes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _cache_faces import face_annotations, make_dataset
+
+from anonloader.cache.precompute import precompute
+from anonloader.cache.store import AnonCache
+
+HERE = Path(__file__).parent
+REPO = HERE.parent.parent
+SECRET = "engine-test-secret-0123456789"
+
+
+def _entries(path) -> dict[bytes, bytes]:
+    with AnonCache(path) as cache:
+        return {key: value for _, key, value in cache.iter_entries()}
+
+
+def _samples(path) -> dict[int, bytes]:
+    with AnonCache(path) as cache:
+        return {index: value for _, index, value in cache.iter_samples()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "cache"
+    precompute(make_dataset(8), out, method="blur", annotations=face_annotations, secret=SECRET, progress=False)
+    return out
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path, single):
+    out = tmp_path / "sharded"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]), ANONLOADER_SECRET=SECRET, OMP_NUM_THREADS="1")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "anonloader.cache.commands", "precompute", "_cache_faces:make_dataset", str(out), "--engine", "torchrun",
+        "--detector", "none", "--annotations", "_cache_faces:face_annotations", "--limit", "8", "-q",
+    ]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000-of-00002", "shard-00001-of-00002"]
+    with AnonCache(out) as cache:
+        assert [s["samples"] for s in cache.manifest["shards"]] == [4, 4]
+        assert cache.verify().ok
+    assert _entries(out) == _entries(single)
+    assert _samples(out) == _samples(single)
+    dataset = AnonCache(out).as_dataset()
+    reference = AnonCache(single).as_dataset()
+    assert all((dataset[i]["image"] == reference[i]["image"]).all() for i in range(8))
