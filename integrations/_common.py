@@ -1,0 +1,76 @@
+"""What the framework integrations share: building the pipeline stage, and anonymizing the
+images of one sample in whatever type they came in."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+from anonloader.errors import ConfigError
+
+__all__ = ["anonymize_sample", "build_stage", "resolve_anonymizer"]
+
+
+def resolve_anonymizer(anonymizer: Any = None, method: Any = "blur", **anonymizer_kwargs: Any) -> Any:
+    """An :class:`~anonloader.pipeline.Anonymizer`: ``anonymizer`` itself when given, else one
+    built from ``method`` and ``anonymizer_kwargs`` (``method`` may be a ready Anonymizer too)."""
+    from anonloader.pipeline import Anonymizer
+
+    if anonymizer is None and isinstance(method, Anonymizer):
+        anonymizer = method
+    if anonymizer is not None:
+        if not isinstance(anonymizer, Anonymizer):
+            raise ConfigError(f"anonymizer must be an anonloader.Anonymizer, got {type(anonymizer).__name__}")
+        if anonymizer_kwargs:
+            raise ConfigError(f"options {sorted(anonymizer_kwargs)} given with a ready Anonymizer; set them on it instead")
+        return anonymizer
+    return Anonymizer(method, **anonymizer_kwargs)
+
+
+def build_stage(
+    anonymizer: Any,
+    *,
+    cache: str | os.PathLike[str] | Any | None = None,
+    cache_mode: str = "read-through",
+    secret: str | bytes | None = None,
+) -> Any:
+    """The per-sample stage: the pipeline, behind the LMDB cache when ``cache`` is given."""
+    from anonloader.data.stage import PipelineStage
+
+    stage: Any = PipelineStage(anonymizer)
+    if cache is not None:
+        from anonloader.cache.stage import CachedStage
+
+        stage = CachedStage(stage, cache, mode=cache_mode, secret=secret)  # type: ignore[arg-type]
+    return stage
+
+
+def anonymize_sample(
+    stage: Any,
+    sample: Any,
+    *,
+    index: int,
+    image_keys: Sequence[Hashable] | None = None,
+    label: Any = None,
+) -> tuple[Any, list[Any]]:
+    """The sample with every image anonymized (same types), and its :class:`ProcessedImage` list.
+
+    The sample is ``None`` when the fail-closed policy dropped one of its images.
+
+    Args:
+        stage: a ``PipelineStage`` or ``CachedStage``.
+        sample: an image, or a tuple / list / dict holding images (see
+            :func:`anonloader.data.adapters.split_sample`).
+        index: the sample's index (cache keys and messages).
+        image_keys: dict keys / tuple positions of the images, or None to find them.
+        label: identity label of the sample (``label`` / ``track`` identity strategies).
+    """
+    from anonloader.data.adapters import join_sample, split_sample
+
+    images, skeleton = split_sample(sample, image_keys, index=index)
+    labels = None if label is None else [label] * len(images)
+    processed = stage.process(index, images, labels)
+    if any(p.image is None for p in processed):
+        return None, processed
+    return join_sample(skeleton, [p.image for p in processed], [s.alpha for s in images]), processed
