@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from anonloader import __version__
-from anonloader.align import align_faces
+from anonloader.align import align_faces, estimate_affine
 from anonloader.detect.base import Detector
 from anonloader.errors import AnonloaderError, AnonymizationFailed, ConfigError, UnsupportedImageError
 from anonloader.fingerprint import CACHE_FORMAT_VERSION, fingerprint_of
 from anonloader.identity.base import IdentityAssigner
 from anonloader.methods import Method, get_method
-from anonloader.types import Detections, FaceConditions, FaceRecord
+from anonloader.types import AlignedFaces, Detections, FaceConditions, FaceRecord
 
 __all__ = ["AnonymizationResult", "Anonymizer", "obscure_image"]
 
@@ -84,6 +84,13 @@ def _quantize(image: torch.Tensor) -> torch.Tensor:
 def _content_seed(crop: torch.Tensor) -> int:
     data = crop.mul(255).round().to(torch.uint8).cpu().numpy().tobytes()
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _SEED_MASK
+
+
+def _to_crop(landmarks: torch.Tensor, crop_size: int, template: str, margin: float) -> torch.Tensor:
+    """``N,5,2`` image-pixel landmarks -> the same points in crop pixels."""
+    affine = estimate_affine(landmarks, crop_size, template, margin)
+    points = torch.cat([landmarks.float().cpu(), torch.ones(len(landmarks), 5, 1)], dim=2)
+    return points @ affine.transpose(1, 2)
 
 
 def _check_image(image: Any, index: int) -> torch.Tensor:
@@ -289,7 +296,7 @@ class Anonymizer:
                 template=self.method.template,
                 margin=float(getattr(self.method, "margin", 0.0)),
             )
-            conditions = self._conditions(aligned.crops, aligned.image_index, faces, [labels[i] for i in ok] if labels else None)
+            conditions = self._conditions(batch, aligned, faces, [labels[i] for i in ok] if labels else None)
             generated = self._run_method(aligned.crops, conditions)
             pasted = paste_back(
                 batch,
@@ -326,27 +333,34 @@ class Anonymizer:
 
     def _conditions(
         self,
-        crops: torch.Tensor,
-        image_index: torch.Tensor,
+        images: list[torch.Tensor],
+        aligned: AlignedFaces,
         faces: list[Detections],
         labels: list[Any] | None,
     ) -> FaceConditions:
-        from anonloader.align import estimate_affine
-
-        landmarks = []
-        for image_faces in faces:
-            if len(image_faces) == 0:
-                continue
-            affine = estimate_affine(
-                image_faces.landmarks, self.method.crop_size, self.method.template, float(getattr(self.method, "margin", 0.0))
-            )
-            points = torch.cat([image_faces.landmarks.float(), torch.ones(len(image_faces), 5, 1)], dim=2)
-            landmarks.append(points @ affine.transpose(1, 2))
-        crop_landmarks = torch.cat(landmarks) if landmarks else torch.zeros(0, 5, 2)
+        """Seeds, identity keys and synthetic ids per face, plus landmarks in crop pixels."""
+        margin = float(getattr(self.method, "margin", 0.0))
+        crop_landmarks = torch.cat(
+            [
+                _to_crop(image_faces.landmarks, self.method.crop_size, self.method.template, margin)
+                for image_faces in faces
+                if len(image_faces)
+            ]
+        )
         if self.identity is None:
-            seeds = [_content_seed(crop) for crop in crops]
+            seeds = [_content_seed(crop) for crop in aligned.crops]
             return FaceConditions(seeds, [None] * len(seeds), [None] * len(seeds), crop_landmarks)
-        assignments = self.identity.assign(crops, image_index, labels)
+        crops = aligned.crops
+        wanted = getattr(self.identity, "crop_size", None)
+        if wanted is not None:  # the recognizer's own alignment, whatever the method's is
+            crops = align_faces(
+                images,
+                faces,
+                crop_size=int(wanted),
+                template=str(getattr(self.identity, "template", "arcface")),
+                margin=float(getattr(self.identity, "margin", 0.0)),
+            ).crops
+        assignments = self.identity.assign(crops, aligned.image_index, labels)
         return FaceConditions(
             seeds=[a.seed for a in assignments],
             identity_keys=[a.key_digest for a in assignments],

@@ -90,6 +90,19 @@ class KeyedIdentityAssigner:
         self._embedding_cache: dict[str, torch.Tensor] = {}
 
     @property
+    def crop_size(self) -> int | None:
+        """Crop side the recognizer wants (the pipeline aligns faces for it), or None."""
+        return None if self.embedder is None else int(self.embedder.crop_size)
+
+    @property
+    def template(self) -> str:
+        return "arcface" if self.embedder is None else str(self.embedder.template)
+
+    @property
+    def margin(self) -> float:
+        return float(getattr(self.embedder, "margin", 0.0))
+
+    @property
     def threshold(self) -> float:
         return float(getattr(self.embedder, "threshold", self.mapper.threshold))
 

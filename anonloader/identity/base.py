@@ -38,6 +38,10 @@ class IdentityAssigner(Protocol):
     Returns one :class:`IdentityAssignment` per crop; raises
     :class:`~anonloader.errors.IdentityError` (or ``SecretError``) on failure.
 
+    Optional attributes ``crop_size``, ``template`` and ``margin`` name the alignment the
+    assigner wants its crops in (its recognizer's); when present the pipeline aligns the faces
+    for it separately, otherwise it receives the method's crops.
+
     ``config()``: JSON-able settings that change assignments (strategy, bank fingerprint,
     recognizer, thresholds) — never the secret itself, only a keyed check value.
     """
