@@ -95,7 +95,11 @@ def route_reference_states(
 
 
 def _project(attn: Any, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``B,L,C`` states -> keys and values ``B,heads,L,D`` with the layer's own projections."""
+    """``B,L,C`` states -> keys and values ``B,heads,L,D`` with the layer's own projections. States
+    broadcast over the batch (stride 0, e.g. the null states) are projected once and expanded."""
+    if states.shape[0] > 1 and states.stride(0) == 0:
+        key, value = _project(attn, states[:1])
+        return key.expand(states.shape[0], -1, -1, -1), value.expand(states.shape[0], -1, -1, -1)
     key = attn.to_k(states)
     value = attn.to_v(states)
     batch, length, inner = key.shape
