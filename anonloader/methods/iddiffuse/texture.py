@@ -15,7 +15,8 @@ Readings chosen:
   detailed (identity) layout while keeping texture.
 - Order BN -> Conv -> ReLU as in the paper's text (DCFace puts the conv first).
 - A global (whole-map) mean/std token is added to the ``m²`` cell tokens, as in DCFace.
-- "std" is the biased per-cell standard deviation (what ``patch_stats`` returns).
+- "std" is the biased per-cell standard deviation, ``sqrt(E[x²] - E[x]² + 1e-6)`` (see
+  :func:`_mean_std`: finite gradients on constant cells).
 """
 
 from __future__ import annotations
@@ -29,6 +30,21 @@ from anonloader.errors import ConfigError
 from anonloader.methods.iddiffuse.recognizers import build_recognizer
 
 __all__ = ["TextureEncoder", "TextureExtractor"]
+
+
+_STD_EPS = 1e-6
+
+
+def _mean_std(patch_stats: Any, x: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cell mean and ``sqrt(var + eps)`` from the cell means of ``x`` and ``x²``.
+
+    The std output of ``patch_stats`` has an infinite gradient on constant cells (common after
+    the ReLU), so the variance is taken from the first and second moments (DCFace's mean /
+    second-moment statistics) and square-rooted with an epsilon here.
+    """
+    mean, _ = patch_stats(x, grid)
+    second, _ = patch_stats(x * x, grid)
+    return mean, (second - mean * mean).clamp_min(0.0).add(_STD_EPS).sqrt()
 
 
 class TextureExtractor(nn.Module):
@@ -66,8 +82,8 @@ class TextureExtractor(nn.Module):
         if feature_map.ndim != 4 or feature_map.shape[1] != self.in_channels:
             raise ValueError(f"TextureExtractor expects B,{self.in_channels},H,W, got {tuple(feature_map.shape)}")
         x = torch.relu(self.conv(self.norm_in(self.dropout(feature_map))))
-        cell_mean, cell_std = patch_stats(x, self.grid)  # B,C',m,m each
-        global_mean, global_std = patch_stats(x, 1)
+        cell_mean, cell_std = _mean_std(patch_stats, x, self.grid)  # B,C',m,m each
+        global_mean, global_std = _mean_std(patch_stats, x, 1)
         mean = torch.cat([global_mean.flatten(2), cell_mean.flatten(2)], dim=2)  # B,C',1+m*m
         std = torch.cat([global_std.flatten(2), cell_std.flatten(2)], dim=2)
         stats = torch.cat([mean, std], dim=1).transpose(1, 2)  # B,1+m*m,2C'
