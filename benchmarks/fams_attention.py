@@ -154,6 +154,36 @@ def count_unet_flops(resolution: int = 512) -> None:
           f"authors' {400 * theirs / tf:.0f} TFLOP")
 
 
+def estimate_fp16_memory(resolution: int = 512) -> None:
+    """Weights and per-face reference keys/values of a FAMS run at fp16, from component sizes
+    (networks built on the meta device with the real configurations)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD21_UNET)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )  # fmt: skip
+        clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14, image_size=224))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    sizes = {"unet": count(unet), "referencenet x2": 2 * count(unet), "vae": count(vae), "clip vision": count(clip)}
+    total = sum(sizes.values())
+    latent = resolution // 8
+    elements = 0
+    for name, module in unet.named_modules():
+        if name.endswith("attn1"):
+            level = int(name.split(".")[1]) if not name.startswith("mid") else 3
+            side = latent >> (level if name.startswith("down") else (3 - level) if name.startswith("up") else 3)
+            elements += side * side * module.to_k.in_features
+    # keys + values; rows per face with CFG: source (2: uncond + cond), null (1, broadcast), driving (2)
+    kv_bytes = 2 * elements * 5 * 2
+    print(f"fp16   weights: " + ", ".join(f"{k} {v / 1e6:.0f}M" for k, v in sizes.items()) + f"; total {total / 1e9:.2f}B params = {2 * total / 2**30:.1f} GiB")
+    print(f"       reference keys/values per face at {resolution}x{resolution} with CFG: {kv_bytes / 2**20:.0f} MiB "
+          f"({elements / 1e6:.1f}M state elements per ReferenceNet pass)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1024, help="N, the UNet layer's own tokens (1024 = 32x32)")
@@ -167,6 +197,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     time_layer(args.tokens, args.channels, args.heads, args.batch, args.repeats)
     count_unet_flops(args.resolution)
+    estimate_fp16_memory(args.resolution)
 
 
 if __name__ == "__main__":
