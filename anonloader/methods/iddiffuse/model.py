@@ -60,7 +60,10 @@ class IDDiffuse:
         gamma: identity interpolation in [0,1] (0 = synthetic, 1 = original).
         guidance_scale: classifier-free guidance weight (1 = off).
         eta: DDIM stochasticity (0 = deterministic given the initial noise).
-        device: where the network runs; crops are returned on their own device.
+        device: where the network runs; None (default) follows the crops' device (the
+            pipeline's ``device``). Crops are returned on their own device. Initial and DDPM
+            noise is drawn on the CPU from per-face generators, so a seed gives the same noise on
+            every device.
     """
 
     name = "iddiffuse"
@@ -78,7 +81,7 @@ class IDDiffuse:
         gamma: float = 0.0,
         guidance_scale: float = 1.0,
         eta: float = 0.0,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
     ) -> None:
         if sampler not in ("ddim", "ddpm"):
             raise ConfigError(f"IDDiffuse sampler must be 'ddim' or 'ddpm', got {sampler!r}")
@@ -95,8 +98,8 @@ class IDDiffuse:
                     "IDDiffuse needs trained weights: pass pretrained=<folder from save_pretrained / "
                     "python -m anonloader.methods.iddiffuse.train>, or config='tiny' for random weights"
                 )
-        self.device = torch.device(device)
-        self.network = network.to(self.device).eval()
+        self.device = None if device is None else torch.device(device)
+        self.network = network.to(self.device or "cpu").eval()
         self.crop_size = self.network.crop_size
         self.bank = bank
         self.sampler, self.num_inference_steps = sampler, int(num_inference_steps)
@@ -197,7 +200,9 @@ class IDDiffuse:
             raise MethodError(f"{crops.shape[0]} crops but {len(conditions)} conditions")
         if crops.shape[0] == 0:
             return crops.clone()
-        out_device, dev = crops.device, self.device
+        out_device, dev = crops.device, self.device or crops.device
+        if next(self.network.parameters()).device != dev:
+            self.network.to(dev)
         real = crops.float().to(dev)
         synthetic = self.synthetic_images(conditions).to(dev)
         net = self.network
