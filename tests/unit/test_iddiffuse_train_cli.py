@@ -55,6 +55,11 @@ def test_two_stage_training_command(tmp_path: Path) -> None:
     torch.testing.assert_close(method.network.identity_encoder.state_dict(), stage1_method.network.identity_encoder.state_dict())
     assert not all(torch.equal(a, b) for a, b in zip(method.network.unet.state_dict().values(),
                                                      stage1_method.network.unet.state_dict().values(), strict=True))
+    # the Lightning checkpoint reloads (network rebuilt from its saved config)
+    from anonloader.methods.iddiffuse.training import IDDiffuseModule
+
+    resumed = IDDiffuseModule.load_from_checkpoint(tmp_path / "s2" / "checkpoints" / "last.ckpt")
+    torch.testing.assert_close(resumed.ema.module["unet"].state_dict(), method.network.unet.state_dict())
     crops = torch.rand(1, 3, 32, 32)
     out = method(crops, FaceConditions([1], [None], [None], torch.zeros(1, 5, 2), {"synthetic_images": crops.flip(-1)}))
     assert out.shape == crops.shape and torch.isfinite(out).all()

@@ -101,7 +101,7 @@ class IDDiffuseModule(L.LightningModule):
         super().__init__()
         self.network = network if isinstance(network, IDDiffuseNetwork) else IDDiffuseNetwork(network)
         self.save_hyperparameters(ignore=["network"])
-        self.hparams["network_config"] = self.network.config()
+        self.hparams["network"] = self.network.config()  # load_from_checkpoint rebuilds from it
         self.scheduler = self.network.make_train_scheduler()
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False)
         self.ema = AveragedModel(self._trained(), multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
