@@ -133,3 +133,21 @@ def test_errors_name_the_fix(tmp_path: Path) -> None:
         IDDiffuse(pretrained=tmp_path)
     with pytest.raises(ConfigError, match="preset"):
         IDDiffuse(config="huge")
+
+
+def test_a_face_does_not_depend_on_its_batch(method: IDDiffuse, crops: torch.Tensor, synthetic: torch.Tensor) -> None:
+    both = method(crops, _conditions([11, 12], synthetic))
+    alone = method(crops[1:], _conditions([12], synthetic[1:]))
+    torch.testing.assert_close(alone[0], both[1], rtol=0, atol=1e-4)
+
+
+def test_guidance_and_stochastic_ddim_are_seeded(crops: torch.Tensor, synthetic: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    plain = IDDiffuse(config="tiny", num_inference_steps=3)
+    torch.manual_seed(0)
+    guided = IDDiffuse(config="tiny", num_inference_steps=3, guidance_scale=3.0, eta=0.5)
+    conditions = _conditions([21, 22], synthetic)
+    a, b = guided(crops, conditions), guided(crops, conditions)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, plain(crops, conditions))
+    assert guided.config()["guidance_scale"] == 3.0 and guided.config()["eta"] == 0.5
