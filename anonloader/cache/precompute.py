@@ -170,13 +170,10 @@ class SampleJob:
     def compute(self, index: int) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
         """``(index, [(key, packed entry)], packed sample record, dropped)`` of sample ``index``."""
         from anonloader.cache.stage import content_with_conditions
-        from anonloader.data.adapters import split_sample
-        from anonloader.data.dataset import _as_detections
+        from anonloader.data.dataset import prepare_sample
 
-        sample = self.dataset[index]
-        images, skeleton = split_sample(sample, self.image_keys, index=index)
-        labels = [self.identity_label(sample)] * len(images) if self.identity_label is not None else None
-        detections = _as_detections(self.annotations(sample), len(images), index) if self.annotations is not None else None
+        prepared = prepare_sample(self.dataset[index], index, self.image_keys, self.annotations, self.identity_label)
+        images, skeleton, labels, detections = prepared.images, prepared.skeleton, prepared.labels, prepared.detections
         keys = [
             cache_key(
                 content_with_conditions(image, None if labels is None else labels[i], None if detections is None else detections[i]),

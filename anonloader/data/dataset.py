@@ -11,19 +11,27 @@ dataset (use :func:`collate_skip_dropped` in the DataLoader) and is skipped by a
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
-from anonloader.data.adapters import join_sample, split_sample
+from anonloader.data.adapters import SourceImage, join_sample, split_sample
 from anonloader.data.stage import PipelineStage
 from anonloader.detect.annotations import detections_from_annotations
 from anonloader.errors import ConfigError, InputError
 from anonloader.types import Detections
 
-__all__ = ["AnonymizedDataset", "AnonymizedIterableDataset", "anonymize", "collate_skip_dropped"]
+__all__ = [
+    "AnonymizedDataset",
+    "AnonymizedIterableDataset",
+    "PreparedSample",
+    "anonymize",
+    "as_detections",
+    "collate_skip_dropped",
+    "prepare_sample",
+]
 
 CacheMode = Literal["read-through", "read-only", "write-only"]
 Annotations = Callable[[Any], Any]
@@ -34,7 +42,7 @@ def collate_skip_dropped(batch: list[Any]) -> Any:
     return default_collate([sample for sample in batch if sample is not None])
 
 
-def _as_detections(value: Any, count: int, index: int) -> list[Detections]:
+def as_detections(value: Any, count: int, index: int) -> list[Detections]:
     """Annotations of one sample -> one Detections per image."""
     if isinstance(value, Detections):
         value = [value]
@@ -55,6 +63,31 @@ def _as_detections(value: Any, count: int, index: int) -> list[Detections]:
     return out
 
 
+@dataclass
+class PreparedSample:
+    """A sample taken apart for a stage: its images, skeleton, identity labels and faces."""
+
+    images: list[SourceImage]
+    skeleton: Any
+    labels: list[Any] | None
+    detections: list[Detections] | None
+
+
+def prepare_sample(
+    sample: Any,
+    index: int,
+    image_keys: Sequence[Hashable] | None = None,
+    annotations: Annotations | None = None,
+    identity_label: Callable[[Any], Any] | None = None,
+) -> PreparedSample:
+    """Splits sample ``index`` into what :meth:`PipelineStage.process` takes (see
+    :func:`~anonloader.data.adapters.split_sample`, :func:`anonymize` for the arguments)."""
+    images, skeleton = split_sample(sample, image_keys, index=index)
+    labels = None if identity_label is None else [identity_label(sample)] * len(images)
+    detections = None if annotations is None else as_detections(annotations(sample), len(images), index)
+    return PreparedSample(images, skeleton, labels, detections)
+
+
 class _Wrapper:
     """What both dataset kinds share: turning one sample into its anonymized twin."""
 
@@ -73,17 +106,11 @@ class _Wrapper:
         self.identity_label = identity_label
 
     def _anonymize_sample(self, index: int, sample: Any) -> Any:
-        images, skeleton = split_sample(sample, self.image_keys, index=index)
-        labels = None
-        if self.identity_label is not None:
-            labels = [self.identity_label(sample)] * len(images)
-        detections = None
-        if self.annotations is not None:
-            detections = _as_detections(self.annotations(sample), len(images), index)
-        processed = self.stage.process(index, images, labels, detections)
+        prepared = prepare_sample(sample, index, self.image_keys, self.annotations, self.identity_label)
+        processed = self.stage.process(index, prepared.images, prepared.labels, prepared.detections)
         if any(p.image is None for p in processed):
             return None
-        return join_sample(skeleton, [p.image for p in processed], [s.alpha for s in images])
+        return join_sample(prepared.skeleton, [p.image for p in processed], [s.alpha for s in prepared.images])
 
     def __getattr__(self, name: str) -> Any:
         # attributes of the wrapped dataset (classes, targets, ...) stay reachable
