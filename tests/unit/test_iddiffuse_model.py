@@ -151,3 +151,25 @@ def test_guidance_and_stochastic_ddim_are_seeded(crops: torch.Tensor, synthetic:
     assert torch.equal(a, b)
     assert not torch.equal(a, plain(crops, conditions))
     assert guided.config()["guidance_scale"] == 3.0 and guided.config()["eta"] == 0.5
+
+
+def test_synthetic_sets_pick_the_nearest_image_of_the_keyed_identity(method: IDDiffuse, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for identity in ("id0", "id1"):
+        (tmp_path / identity).mkdir()
+        for j in range(3):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / identity / f"{j}.png")
+    bank = _Bank(torch.zeros(2, 3, 32, 32))
+    bank.names = ["id0/0.png", "id1/0.png"]
+    m = IDDiffuse(network=method.network, bank=bank, synthetic_sets=tmp_path, num_inference_steps=2)
+    wanted = torch.from_numpy(np.asarray(Image.open(tmp_path / "id1" / "2.png"), dtype=np.float32) / 255).permute(2, 0, 1)
+    other = torch.from_numpy(np.asarray(Image.open(tmp_path / "id0" / "1.png"), dtype=np.float32) / 255).permute(2, 0, 1)
+    real = torch.stack([wanted, other])
+    chosen = m.synthetic_images(_conditions([1, 2], ids=[1, 0]), real)
+    assert torch.equal(chosen[0], wanted) and torch.equal(chosen[1], other)  # same images: nearest in E_I
+    assert m.config()["synthetic_sets"] == str(tmp_path)
+    out = m(real, _conditions([1, 2], ids=[1, 0]))
+    assert out.shape == real.shape

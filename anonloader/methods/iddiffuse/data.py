@@ -17,9 +17,22 @@ from torch.utils.data import Dataset, Sampler
 
 from anonloader.errors import ConfigError, ImageDecodeError
 
-__all__ = ["FaceFolder", "IdentityBatchSampler", "PairedFaceDataset", "pair_identities"]
+__all__ = ["load_face", "FaceFolder", "IdentityBatchSampler", "PairedFaceDataset", "pair_identities"]
 
 _SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def load_face(path: Path, crop_size: int) -> torch.Tensor:
+    """An aligned face image file -> ``3,S,S float32 in [0,1]`` (bilinear resize to ``S``)."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (crop_size, crop_size):
+                image = image.resize((crop_size, crop_size), Image.BILINEAR)
+            array = np.asarray(image, dtype=np.float32) / 255.0
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot decode face image {path}: {exc}") from exc
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 class FaceFolder(Dataset):
@@ -53,16 +66,7 @@ class FaceFolder(Dataset):
         return len(self.paths)
 
     def load(self, index: int) -> torch.Tensor:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-                if image.size != (self.crop_size, self.crop_size):
-                    image = image.resize((self.crop_size, self.crop_size), Image.BILINEAR)
-                array = np.asarray(image, dtype=np.float32) / 255.0
-        except OSError as exc:
-            raise ImageDecodeError(f"cannot decode training image {path}: {exc}") from exc
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return load_face(self.paths[index], self.crop_size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.load(index), self.labels[index]

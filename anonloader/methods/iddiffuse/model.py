@@ -6,6 +6,13 @@ Per face: the synthetic identity image x̂ (from ``conditions.extra["synthetic_i
 DDIM (default) or DDPM sampler started from noise drawn from ``torch.Generator(seed)`` of that
 face alone, so a face's output depends only on its crop, identity and seed.
 
+With ``synthetic_sets=<root>`` (a DCFace-style folder, one sub-folder of images per synthetic
+identity, the bank built from one image per sub-folder so that ``bank.names[i]`` is
+``"<identity>/<file>"``), the keyed mapping still picks the synthetic *identity*, and among that
+identity's images the one nearest to the real crop in E_I space is used (paper sec. 3.2: the
+nearest synthetic image, so pose, expression and other non-identity attributes fit); the same
+real person keeps the same synthetic person.
+
 ``gamma`` (paper sec. 4, Fig. 5a): the identity condition is ``(1-γ) E_I(x̂) + γ E_I(x)``;
 ``gamma=0`` (default) is the full synthetic identity, ``gamma=1`` keeps the original.
 ``guidance_scale`` > 1 applies classifier-free guidance against the null conditions.
@@ -60,6 +67,7 @@ class IDDiffuse:
         gamma: identity interpolation in [0,1] (0 = synthetic, 1 = original).
         guidance_scale: classifier-free guidance weight (1 = off).
         eta: DDIM stochasticity (0 = deterministic given the initial noise).
+        synthetic_sets: optional root of per-identity image folders (see the module docstring).
         device: where the network runs; None (default) follows the crops' device (the
             pipeline's ``device``). Crops are returned on their own device. Initial and DDPM
             noise is drawn on the CPU from per-face generators, so a seed gives the same noise on
@@ -81,6 +89,7 @@ class IDDiffuse:
         gamma: float = 0.0,
         guidance_scale: float = 1.0,
         eta: float = 0.0,
+        synthetic_sets: str | Path | None = None,
         device: str | torch.device | None = None,
     ) -> None:
         if sampler not in ("ddim", "ddpm"):
@@ -104,6 +113,8 @@ class IDDiffuse:
         self.bank = bank
         self.sampler, self.num_inference_steps = sampler, int(num_inference_steps)
         self.gamma, self.guidance_scale, self.eta = float(gamma), float(guidance_scale), float(eta)
+        self.synthetic_sets = None if synthetic_sets is None else Path(synthetic_sets)
+        self._set_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ checkpoints
     @staticmethod
@@ -153,18 +164,46 @@ class IDDiffuse:
             self._weights_hash = _state_hash(self.network)
         bank = None if self.bank is None else self.bank.fingerprint()
         return {"name": self.name, "crop_size": self.crop_size, "template": self.template, **self._sampling(),
-                "network": self.network.config(), "weights_sha256": self._weights_hash, "bank": bank}
+                "network": self.network.config(), "weights_sha256": self._weights_hash, "bank": bank,
+                "synthetic_sets": None if self.synthetic_sets is None else str(self.synthetic_sets)}
 
     # ------------------------------------------------------------------ inference
-    def synthetic_images(self, conditions: FaceConditions) -> torch.Tensor:
-        """``F,3,S,S float in [0,1]`` synthetic identity images for the faces of ``conditions``."""
+    def _identity_set(self, bank_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images ``K,3,S,S``, E_I features ``K,D``) of the synthetic identity ``bank_index``."""
+        if bank_index not in self._set_cache:
+            from anonloader.methods.iddiffuse.data import load_face
+
+            folder = self.synthetic_sets / Path(self.bank.names[bank_index]).parent
+            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"}) if folder.is_dir() else []
+            if not files:
+                raise MethodError(f"no images for synthetic identity {self.bank.names[bank_index]!r} under {folder}")
+            images = torch.stack([load_face(p, self.crop_size) for p in files])
+            device = next(self.network.parameters()).device
+            features = torch.cat([self.network.identity_encoder(images[i:i + 64].to(device)).cpu() for i in range(0, len(images), 64)])
+            self._set_cache[bank_index] = (images, features)
+        return self._set_cache[bank_index]
+
+    def _nearest_set_images(self, index: list[int], real: torch.Tensor | None) -> torch.Tensor:
+        if real is None:
+            raise MethodError("synthetic_sets needs the real crops to choose the nearest synthetic image")
+        device = next(self.network.parameters()).device
+        real_features = self.network.identity_encoder(real.to(device)).cpu()
+        chosen = []
+        for i, bank_index in enumerate(index):
+            images, features = self._identity_set(bank_index)
+            chosen.append(images[int((features @ real_features[i]).argmax())])
+        return torch.stack(chosen)
+
+    def synthetic_images(self, conditions: FaceConditions, real: torch.Tensor | None = None) -> torch.Tensor:
+        """``F,3,S,S float in [0,1]`` synthetic identity images for the faces of ``conditions``
+        (``real``: the ``F,3,S,S`` crops, needed with ``synthetic_sets``)."""
         extra = conditions.extra.get("synthetic_images")
         if extra is not None:
             images = torch.as_tensor(extra).float()
             if images.ndim != 4 or images.shape[0] != len(conditions):
                 raise MethodError(f"conditions.extra['synthetic_images'] must be F,3,S,S with F={len(conditions)}, got {tuple(images.shape)}")
         else:
-            if self.bank is None or getattr(self.bank, "images", None) is None:
+            if self.bank is None or (getattr(self.bank, "images", None) is None and self.synthetic_sets is None):
                 raise MethodError(
                     "IDDiffuse needs a synthetic identity image per face: pass bank=<IdentityBank with images> "
                     "(e.g. IdentityBank.from_folder on a DCFace-style set) or conditions.extra['synthetic_images']"
@@ -174,7 +213,10 @@ class IDDiffuse:
             bad = [i for i in index if not 0 <= i < n]
             if bad:
                 raise MethodError(f"synthetic ids {bad} are outside the bank of {n} identities; was the mapping made with another bank?")
-            images = self.bank.images[torch.tensor(index, dtype=torch.long)]
+            if self.synthetic_sets is not None:
+                images = self._nearest_set_images(index, real)
+            else:
+                images = self.bank.images[torch.tensor(index, dtype=torch.long)]
         if images.shape[-1] != self.crop_size or images.shape[-2] != self.crop_size:
             images = nn.functional.interpolate(images, size=(self.crop_size, self.crop_size), mode="bilinear", align_corners=False)
         return images.clamp(0, 1)
@@ -204,7 +246,7 @@ class IDDiffuse:
         if next(self.network.parameters()).device != dev:
             self.network.to(dev)
         real = crops.float().to(dev)
-        synthetic = self.synthetic_images(conditions).to(dev)
+        synthetic = self.synthetic_images(conditions, real).to(dev)
         net = self.network
         f_synthetic = net.identity_encoder(synthetic)
         f_real = net.identity_encoder(real) if self.gamma != 0.0 else None
