@@ -1,0 +1,1 @@
+"""Subcommands of the ``anonloader`` command that belong to no single subsystem."""
