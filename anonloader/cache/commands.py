@@ -54,6 +54,13 @@ def _run_precompute(args: argparse.Namespace) -> int:
         options["detector"] = args.detector
     elif annotations is None:
         raise ConfigError("--detector none needs --annotations pkg.module:function giving each sample's faces")
+    secret = _secret(args)
+    if args.identity is not None:
+        from anonloader.identity.assigner import KeyedIdentityAssigner
+        from anonloader.identity.bank import IdentityBank
+
+        bank = None if args.bank is None else IdentityBank.load(args.bank)
+        options["identity"] = KeyedIdentityAssigner(args.identity, secret=secret, bank=bank)
     image_key: Any = args.image_key
     if image_key is not None and image_key.isdigit():
         image_key = int(image_key)
@@ -64,7 +71,7 @@ def _run_precompute(args: argparse.Namespace) -> int:
         image_key=image_key,
         annotations=annotations,
         identity_label=_import(args.identity_label),
-        secret=_secret(args),
+        secret=secret,
         codec=args.codec,
         workers=args.workers,
         engine=args.engine,
@@ -188,6 +195,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("--detector", default="mtcnn", help="mtcnn | scrfd | none (with --annotations)")
     pre.add_argument("--annotations", default=None, help="pkg.module:function(sample) -> the sample's face boxes")
     pre.add_argument("--identity-label", default=None, help="pkg.module:function(sample) -> identity label")
+    pre.add_argument(
+        "--identity",
+        choices=("label", "cluster", "online"),
+        default=None,
+        help="keyed real-to-synthetic identity mapping (with --bank; 'label' needs --identity-label)",
+    )
+    pre.add_argument("--bank", default=None, help="synthetic identity bank folder (IdentityBank.save)")
     pre.add_argument("--image-key", default=None, help="dict key or tuple position of the image")
     pre.add_argument("--codec", default="png", help="png (default, lossless) | webp | jpeg[:quality] | raw")
     pre.add_argument("--workers", type=int, default=1, help="processes (local, torchrun per rank) or actors (ray)")

@@ -67,3 +67,8 @@ def make_dataset_40() -> AstronautCrops:
 def face_annotations(sample: dict[str, Any]) -> tuple[torch.Tensor]:
     """The annotation function: the sample's face boxes (landmarks estimated from them)."""
     return (sample["box"],)
+
+
+def identity_label(sample: dict[str, Any]) -> int:
+    """The sample's identity label (three "people" cycle through the crops)."""
+    return int(sample["label"])

@@ -1,7 +1,8 @@
 """torchrun (2 ranks, gloo) precompute equals a single-process run.
 
-Keys are salted with one secret; seeds come from face content, so any rank or actor computing
-a face produces the same bytes."""
+Keys are salted with one secret; every face gets its synthetic identity from the keyed mapper
+(``label`` strategy over a bank), so any rank computing a face must pick the same synthetic
+identity and produce the same bytes."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from _cache_faces import face_annotations, make_dataset
+import torch
+from _cache_faces import face_annotations, identity_label, make_dataset
 
 from anonloader.cache.precompute import precompute
 from anonloader.cache.store import AnonCache
+from anonloader.identity.assigner import KeyedIdentityAssigner
+from anonloader.identity.bank import IdentityBank
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -39,19 +43,38 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> Path:
+def bank_path(tmp_path_factory) -> Path:
+    embeddings = torch.nn.functional.normalize(torch.randn(16, 128, generator=torch.Generator().manual_seed(3)), dim=1)
+    return IdentityBank(embeddings).save(tmp_path_factory.mktemp("bank") / "bank")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, bank_path) -> Path:
     out = tmp_path_factory.mktemp("single") / "cache"
-    precompute(make_dataset(8), out, method="blur", annotations=face_annotations, secret=SECRET, progress=False)
+    identity = KeyedIdentityAssigner("label", secret=SECRET, bank=IdentityBank.load(bank_path))
+    precompute(
+        make_dataset(8), out, method="blur", annotations=face_annotations, identity=identity,
+        identity_label=identity_label, secret=SECRET, progress=False,
+    )
     return out
 
 
-def test_torchrun_two_ranks_equal_one_process(tmp_path, single):
+def _synthetic_ids(path) -> dict[int, list]:
+    with AnonCache(path) as cache:
+        return {
+            index: [r.synthetic_id for key in cache.get_sample(index).keys for r in cache.get(key).records()]
+            for index in cache.sample_indices()
+        }
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path, single, bank_path):
     out = tmp_path / "sharded"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]), ANONLOADER_SECRET=SECRET, OMP_NUM_THREADS="1")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
         "-m", "anonloader.cache.commands", "precompute", "_cache_faces:make_dataset", str(out), "--engine", "torchrun",
         "--detector", "none", "--annotations", "_cache_faces:face_annotations", "--limit", "8", "-q",
+        "--identity", "label", "--identity-label", "_cache_faces:identity_label", "--bank", str(bank_path),
     ]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -59,6 +82,11 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, single):
     with AnonCache(out) as cache:
         assert [s["samples"] for s in cache.manifest["shards"]] == [4, 4]
         assert cache.verify().ok
+    ids = _synthetic_ids(single)
+    assert all(None not in faces and len(faces) == 1 for faces in ids.values())
+    assert all(ids[i] == ids[i + 3] for i in range(5))  # labels cycle 0, 1, 2: same person, same identity
+    assert len({ids[i][0] for i in range(3)}) == 3  # three people, three synthetic identities
+    assert _synthetic_ids(out) == ids
     assert _entries(out) == _entries(single)
     assert _samples(out) == _samples(single)
     dataset = AnonCache(out).as_dataset()
