@@ -243,7 +243,7 @@ def _run_hf(args: argparse.Namespace, anonymizer: Any, rows: list[Any]) -> dict[
     from anonloader.cache.precompute import load_source
     from anonloader.integrations.huggingface import anonymize_hf
 
-    dataset = load_source(args.src if not args.src.startswith("hf:") else args.src, split=args.split)
+    dataset = load_source(args.src, split=args.split)
     if args.limit is not None:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
     if not args.quiet:
