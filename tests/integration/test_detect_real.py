@@ -10,14 +10,6 @@ from anonloader.detect import MTCNNDetector, detections_from_annotations, load_d
 from anonloader.types import Detections
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def detector() -> MTCNNDetector:

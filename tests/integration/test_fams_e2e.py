@@ -11,14 +11,6 @@ pytest.importorskip("diffusers")
 import anonloader  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes tiny models 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_fams_anonymizes_a_real_photo_through_anonymize(astronaut_image):
     options = dict(method="fams", tiny=True, crop_size=64, num_inference_steps=2, anonymization_degree=1.4)

@@ -12,14 +12,6 @@ import anonloader  # noqa: E402
 from anonloader.identity.bank import IdentityBank  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes tiny models 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _bank(size: int, dim: int) -> IdentityBank:
     g = torch.Generator().manual_seed(5)

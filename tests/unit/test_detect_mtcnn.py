@@ -14,14 +14,6 @@ from anonloader.errors import ConfigError, DetectionError, UnsupportedImageError
 from anonloader.fingerprint import fingerprint_of, hash_file
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def detector() -> MTCNNDetector:

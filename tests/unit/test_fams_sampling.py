@@ -23,14 +23,6 @@ def _conditions(seeds, **extra):
     return FaceConditions(list(seeds), [None] * n, [None] * n, torch.zeros(n, 5, 2), dict(extra))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes tiny models 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def crops():

@@ -41,14 +41,6 @@ CLIP_PREPROCESSOR = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes tiny models 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _conditions(n):
     return FaceConditions(list(range(7, 7 + n)), [None] * n, [None] * n, torch.zeros(n, 5, 2))

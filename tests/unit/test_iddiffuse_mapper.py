@@ -11,14 +11,6 @@ pytest.importorskip("lightning")
 from anonloader.methods.iddiffuse.identity_mapper import IdentityEncoder, IdentityMapper, mine_hard_triplets, triplet_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run far faster on one thread than on a shared, oversubscribed machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 def test_triplet_loss_matches_equation_4() -> None:

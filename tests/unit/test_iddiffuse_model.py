@@ -16,14 +16,6 @@ from anonloader.methods.iddiffuse import IDDiffuse
 from anonloader.types import FaceConditions
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run far faster on one thread than on a shared, oversubscribed machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 def _conditions(seeds: list[int], synthetic: torch.Tensor | None = None, ids: list[int | None] | None = None) -> FaceConditions:

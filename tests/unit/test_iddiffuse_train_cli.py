@@ -14,14 +14,6 @@ pytest.importorskip("lightning")
 pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run far faster on one thread than on a shared, oversubscribed machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _identity_folders(root: Path, identities: int, images: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)

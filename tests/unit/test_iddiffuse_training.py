@@ -14,14 +14,6 @@ pytest.importorskip("diffusers")
 from anonloader.methods.iddiffuse.losses import anonymization_loss, predict_x0, time_weights
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run far faster on one thread than on a shared, oversubscribed machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_time_weights_ramp_from_zero_to_one() -> None:
     t = torch.tensor([0, 500, 1000])
