@@ -72,3 +72,19 @@ def face_annotations(sample: dict[str, Any]) -> tuple[torch.Tensor]:
 def identity_label(sample: dict[str, Any]) -> int:
     """The sample's identity label (three "people" cycle through the crops)."""
     return int(sample["label"])
+
+
+def cache_entries(path) -> dict[bytes, bytes]:
+    """Every image entry of the cache at ``path`` (all shards), key -> stored bytes."""
+    from anonloader.cache.store import AnonCache
+
+    with AnonCache(path) as cache:
+        return {key: value for _, key, value in cache.iter_entries()}
+
+
+def cache_samples(path) -> dict[int, bytes]:
+    """Every sample record of the cache at ``path`` (all shards), index -> stored bytes."""
+    from anonloader.cache.store import AnonCache
+
+    with AnonCache(path) as cache:
+        return {index: value for _, index, value in cache.iter_samples()}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cache_faces import face_annotations, make_dataset
+from _cache_faces import cache_entries, cache_samples, face_annotations, make_dataset
 
 from anonloader.cache.commands import main as cache_main
 from anonloader.cache.precompute import precompute
@@ -20,16 +20,6 @@ from anonloader.errors import CacheError, ConfigError
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
-
-
-def _entries(path) -> dict[bytes, bytes]:
-    with AnonCache(path) as cache:
-        return {key: value for _, key, value in cache.iter_entries()}
-
-
-def _samples(path) -> dict[int, bytes]:
-    with AnonCache(path) as cache:
-        return {index: value for _, index, value in cache.iter_samples()}
 
 
 def test_folder_of_jpegs_precomputes_and_reads_back_in_order(tmp_path):
@@ -56,8 +46,8 @@ def test_two_processes_write_the_same_cache_as_one(tmp_path):
     precompute(make_dataset(8), tmp_path / "one", workers=1, **kwargs)
     report = precompute(make_dataset(8), tmp_path / "two", workers=2, **kwargs)
     assert report.computed == 8
-    assert _entries(tmp_path / "one") == _entries(tmp_path / "two")
-    assert _samples(tmp_path / "one") == _samples(tmp_path / "two")
+    assert cache_entries(tmp_path / "one") == cache_entries(tmp_path / "two")
+    assert cache_samples(tmp_path / "one") == cache_samples(tmp_path / "two")
 
 
 def test_sigkill_mid_precompute_then_resume_is_complete_and_computes_nothing_twice(tmp_path):
@@ -130,7 +120,7 @@ def test_cli_precompute_stats_verify_merge_and_errors(tmp_path, capsys, monkeypa
     assert cache_main(["cache", "verify", str(tmp_path / "c")]) == 0
     assert "0 corrupt" in capsys.readouterr().out
     assert cache_main(["cache", "merge", str(tmp_path / "c"), str(tmp_path / "m")]) == 0
-    assert _entries(tmp_path / "c") == _entries(tmp_path / "m")
+    assert cache_entries(tmp_path / "c") == cache_entries(tmp_path / "m")
     capsys.readouterr()
     assert cache_main(["cache", "stats", str(tmp_path / "nowhere")]) == 2
     assert "does not exist; run anonloader precompute" in capsys.readouterr().err

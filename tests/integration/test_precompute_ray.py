@@ -9,24 +9,13 @@ import os
 from pathlib import Path
 
 import pytest
-from _cache_faces import face_annotations, make_dataset
+from _cache_faces import cache_entries, cache_samples, face_annotations, make_dataset
 
 from anonloader.cache.precompute import precompute
-from anonloader.cache.store import AnonCache
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
 SECRET = "engine-test-secret-0123456789"
-
-
-def _entries(path) -> dict[bytes, bytes]:
-    with AnonCache(path) as cache:
-        return {key: value for _, key, value in cache.iter_entries()}
-
-
-def _samples(path) -> dict[int, bytes]:
-    with AnonCache(path) as cache:
-        return {index: value for _, index, value in cache.iter_samples()}
 
 
 @pytest.fixture(scope="module")
@@ -46,5 +35,5 @@ def test_ray_local_cluster_equals_one_process(tmp_path, single):
     finally:
         ray.shutdown()
     assert report.computed == 8
-    assert _entries(tmp_path / "ray") == _entries(single)
-    assert _samples(tmp_path / "ray") == _samples(single)
+    assert cache_entries(tmp_path / "ray") == cache_entries(single)
+    assert cache_samples(tmp_path / "ray") == cache_samples(single)

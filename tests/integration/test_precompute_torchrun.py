@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cache_faces import face_annotations, identity_label, make_dataset
+from _cache_faces import cache_entries, cache_samples, face_annotations, identity_label, make_dataset
 
 from anonloader.cache.precompute import precompute
 from anonloader.cache.store import AnonCache
@@ -24,16 +24,6 @@ from anonloader.identity.bank import IdentityBank
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
 SECRET = "engine-test-secret-0123456789"
-
-
-def _entries(path) -> dict[bytes, bytes]:
-    with AnonCache(path) as cache:
-        return {key: value for _, key, value in cache.iter_entries()}
-
-
-def _samples(path) -> dict[int, bytes]:
-    with AnonCache(path) as cache:
-        return {index: value for _, index, value in cache.iter_samples()}
 
 
 def _free_port() -> int:
@@ -87,8 +77,8 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, single, bank_path):
     assert all(ids[i] == ids[i + 3] for i in range(5))  # labels cycle 0, 1, 2: same person, same identity
     assert len({ids[i][0] for i in range(3)}) == 3  # three people, three synthetic identities
     assert _synthetic_ids(out) == ids
-    assert _entries(out) == _entries(single)
-    assert _samples(out) == _samples(single)
+    assert cache_entries(out) == cache_entries(single)
+    assert cache_samples(out) == cache_samples(single)
     dataset = AnonCache(out).as_dataset()
     reference = AnonCache(single).as_dataset()
     assert all((dataset[i]["image"] == reference[i]["image"]).all() for i in range(8))
