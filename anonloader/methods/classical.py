@@ -24,22 +24,30 @@ def _check_crops(crops: torch.Tensor) -> None:
         raise ConfigError(f"crops must be F,3,S,S, got {tuple(crops.shape)}")
 
 
+@dataclass(kw_only=True)
+class _ClassicalMethod:
+    """What the baselines share: a 128 px arcface-template crop with a margin that also covers
+    hair and chin, pasted back without colour matching (they keep their own colours)."""
+
+    crop_size: int = 128
+    margin: float = 0.35
+    template: str = "arcface"
+    paste_color_match: bool = False
+
+    def config(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
-class GaussianBlur:
+class GaussianBlur(_ClassicalMethod):
     """Gaussian blur with a standard deviation that is a fraction of the face crop's side.
 
     Args:
         sigma: standard deviation as a fraction of the crop side (0.08 of a 128 crop is ~10 px).
-        crop_size: crop side in pixels.
-        margin: alignment margin (see :mod:`anonloader.align`); > 0 also blurs hair and chin.
     """
 
     sigma: float = 0.08
-    crop_size: int = 128
-    margin: float = 0.35
     name: str = "blur"
-    template: str = "arcface"
-    paste_color_match: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.sigma <= 1:
@@ -57,12 +65,10 @@ class GaussianBlur:
         kernel = min(kernel, 2 * (crops.shape[-1] // 2) - 1)
         return gaussian_blur2d(crops, (kernel, kernel), (sigma, sigma), border_type="reflect").clamp(0, 1)
 
-    def config(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
-class Pixelate:
+class Pixelate(_ClassicalMethod):
     """Averages each face into ``blocks x blocks`` cells.
 
     Args:
@@ -70,11 +76,7 @@ class Pixelate:
     """
 
     blocks: int = 8
-    crop_size: int = 128
-    margin: float = 0.35
     name: str = "pixelate"
-    template: str = "arcface"
-    paste_color_match: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.blocks <= self.crop_size:
@@ -89,12 +91,10 @@ class Pixelate:
         cells = F.adaptive_avg_pool2d(crops, self.blocks)
         return F.interpolate(cells, size=size, mode="nearest")
 
-    def config(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
-class SolidMask:
+class SolidMask(_ClassicalMethod):
     """Fills the face with one colour.
 
     Args:
@@ -102,11 +102,7 @@ class SolidMask:
     """
 
     color: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    crop_size: int = 128
-    margin: float = 0.35
     name: str = "mask"
-    template: str = "arcface"
-    paste_color_match: bool = False
 
     def __post_init__(self) -> None:
         if len(self.color) != 3 or not all(0 <= c <= 1 for c in self.color):
@@ -118,6 +114,3 @@ class SolidMask:
         _check_crops(crops)
         fill = torch.tensor(self.color, dtype=crops.dtype, device=crops.device).view(1, 3, 1, 1)
         return fill.expand_as(crops).clone()
-
-    def config(self) -> dict[str, Any]:
-        return asdict(self)
