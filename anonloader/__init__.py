@@ -29,6 +29,10 @@ _EXPORTS = {
     "align_faces": "anonloader.align",
     "get_method": "anonloader.methods",
     "load_detector": "anonloader.detect",
+    "AnonCache": "anonloader.cache.store",
+    "precompute": "anonloader.cache.precompute",
+    "IdentityBank": "anonloader.identity.bank",
+    "KeyedIdentityAssigner": "anonloader.identity.assigner",
     "errors": "anonloader.errors",
 }
 
@@ -37,8 +41,12 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 if TYPE_CHECKING:
     from anonloader import errors
     from anonloader.align import align_faces
+    from anonloader.cache.precompute import precompute
+    from anonloader.cache.store import AnonCache
     from anonloader.data.dataset import anonymize, collate_skip_dropped
     from anonloader.detect import load_detector
+    from anonloader.identity.assigner import KeyedIdentityAssigner
+    from anonloader.identity.bank import IdentityBank
     from anonloader.methods import get_method
     from anonloader.pipeline import AnonymizationResult, Anonymizer
     from anonloader.types import AlignedFaces, Detections, FaceConditions, FaceRecord
