@@ -8,26 +8,13 @@ Imported only when used (``import anonloader`` never imports lmdb or xxhash)::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+# Bound eagerly: ``precompute`` is both a submodule and a function, and a lazy attribute would
+# be shadowed by the submodule as soon as anything imported ``anonloader.cache.precompute``.
+from anonloader.cache.codecs import get_codec
+from anonloader.cache.keys import cache_key, derive_salt
+from anonloader.cache.manifest import write_manifest
+from anonloader.cache.precompute import precompute
+from anonloader.cache.stage import CachedStage
+from anonloader.cache.store import AnonCache
 
 __all__ = ["AnonCache", "CachedStage", "cache_key", "derive_salt", "get_codec", "precompute", "write_manifest"]
-
-_EXPORTS = {
-    "AnonCache": "anonloader.cache.store",
-    "CachedStage": "anonloader.cache.stage",
-    "cache_key": "anonloader.cache.keys",
-    "derive_salt": "anonloader.cache.keys",
-    "get_codec": "anonloader.cache.codecs",
-    "precompute": "anonloader.cache.precompute",
-    "write_manifest": "anonloader.cache.manifest",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'anonloader.cache' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value

@@ -30,7 +30,7 @@ def test_affine_maps_landmarks_onto_the_template(crop_size, template):
 
 def test_margin_shrinks_the_face_in_the_crop():
     tight, loose = template_points(112), template_points(112, margin=0.5)
-    spread = lambda p: (p - p.mean(0)).norm(dim=1).mean()  # noqa: E731
+    spread = lambda p: float((p - p.mean(0)).norm(dim=1).mean())  # noqa: E731
     assert spread(loose) == pytest.approx(spread(tight) / 1.5, rel=1e-4)
 
 
