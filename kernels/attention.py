@@ -149,7 +149,8 @@ def _segment_kv(seg: KV | BlendedKV) -> tuple[torch.Tensor, torch.Tensor]:
 def multi_source_attention_reference(
     q: torch.Tensor, sources: Sequence[Source], *, scale: float | None = None
 ) -> torch.Tensor:
-    """Plain-torch multi-source attention: blends, concatenates, ``softmax(q k^T * scale) v``.
+    """Plain-torch multi-source attention: blends, concatenates, then
+    ``F.scaled_dot_product_attention`` (``softmax(q k^T * scale) v``, fused by torch where it can).
 
     Args:
         q: ``B,H,Lq,D`` queries (float32/float16/bfloat16/float64).
@@ -157,18 +158,14 @@ def multi_source_attention_reference(
         scale: the softmax scale, ``1/sqrt(D)`` by default.
 
     Returns:
-        ``B,H,Lq,D`` in ``q``'s dtype. Matmuls run in ``q``'s dtype, the softmax in float32
-        (float64 for float64 inputs), like torch's own math attention.
+        ``B,H,Lq,D`` in ``q``'s dtype, as torch's own attention computes it at that precision.
     """
     segments = _normalize_sources(q, sources)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     keys, values = zip(*(_segment_kv(s) for s in segments))
     k = torch.cat(keys, dim=-2)
     v = torch.cat(values, dim=-2)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    probs = scores.to(softmax_dtype).softmax(dim=-1).to(q.dtype)
-    return torch.matmul(probs, v)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def _triton_allowed(q: torch.Tensor) -> bool:
