@@ -6,10 +6,14 @@ same order); iterable datasets stay iterable. Models load lazily in each DataLoa
 
 A sample whose image the fail-closed policy dropped comes back as ``None`` from a map-style
 dataset (use :func:`collate_skip_dropped` in the DataLoader) and is skipped by an iterable one.
+A sample that holds no usable image (corrupt bytes, zero size, a non-image) raises an
+:class:`~anonloader.errors.InputError` naming its index, unless ``on_error="drop"``: then it is
+dropped the same way, with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,8 @@ from anonloader.data.stage import PipelineStage
 from anonloader.detect.annotations import detections_from_annotations
 from anonloader.errors import ConfigError, InputError
 from anonloader.types import Detections
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "AnonymizedDataset",
@@ -98,15 +104,23 @@ class _Wrapper:
         image_keys: Sequence[Hashable] | None,
         annotations: Annotations | None,
         identity_label: Callable[[Any], Any] | None,
+        drop_bad_input: bool = False,
     ) -> None:
         self.dataset = dataset
         self.stage = stage
         self.image_keys = image_keys
         self.annotations = annotations
         self.identity_label = identity_label
+        self.drop_bad_input = drop_bad_input
 
     def _anonymize_sample(self, index: int, sample: Any) -> Any:
-        prepared = prepare_sample(sample, index, self.image_keys, self.annotations, self.identity_label)
+        try:
+            prepared = prepare_sample(sample, index, self.image_keys, self.annotations, self.identity_label)
+        except InputError as error:
+            if not self.drop_bad_input:
+                raise
+            logger.warning("dropped a sample that is not a usable image (on_error='drop'): %s", error)
+            return None
         processed = self.stage.process(index, prepared.images, prepared.labels, prepared.detections)
         if any(p.image is None for p in processed):
             return None
@@ -114,7 +128,7 @@ class _Wrapper:
 
     def __getattr__(self, name: str) -> Any:
         # attributes of the wrapped dataset (classes, targets, ...) stay reachable
-        if name.startswith("__") or name in ("dataset", "stage", "image_keys", "annotations", "identity_label"):
+        if name.startswith("__") or name in ("dataset", "stage", "image_keys", "annotations", "identity_label", "drop_bad_input"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
@@ -195,4 +209,4 @@ def anonymize(
     kind = AnonymizedDataset if is_map else AnonymizedIterableDataset
     if not is_map and not hasattr(dataset, "__iter__"):
         raise ConfigError(f"{type(dataset).__name__} is neither a map-style nor an iterable dataset")
-    return kind(dataset, stage, keys, annotations, identity_label)
+    return kind(dataset, stage, keys, annotations, identity_label, anonymizer.on_error == "drop")

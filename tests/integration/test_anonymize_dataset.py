@@ -123,6 +123,8 @@ def test_bad_samples_name_their_index_and_drop_policy(astronaut_pil):
     with pytest.raises(ImageDecodeError, match="sample 1"):
         wrapped[1]
     assert isinstance(wrapped[0]["jpg"], bytes)  # nothing else lost
+    dropping = anonloader.anonymize([{"jpg": good}, {"jpg": bad}], image_key="jpg", on_error="drop")
+    assert dropping[1] is None and isinstance(dropping[0]["jpg"], bytes)
 
 
 def test_collate_skips_dropped_samples(astronaut_pil):
