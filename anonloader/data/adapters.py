@@ -94,7 +94,10 @@ def _to_rgb(channels_first: torch.Tensor, index: int | None) -> tuple[torch.Tens
 
 
 def _from_array(array: np.ndarray | torch.Tensor, layout: str, kind: str, index: int | None, position: int) -> SourceImage:
-    tensor = torch.as_tensor(array) if isinstance(array, np.ndarray) else array
+    if isinstance(array, np.ndarray):  # PIL hands out read-only views; torch wants writable memory
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+    else:
+        tensor = array
     if tensor.numel() == 0:
         raise UnsupportedImageError(f"image {position} has zero size {tuple(tensor.shape)}", index=index)
     dtype = str(tensor.dtype).removeprefix("torch.")
