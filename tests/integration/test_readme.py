@@ -13,7 +13,7 @@ MARKED = re.compile(r"<!-- readme-test -->\s*```python\n(.*?)```", re.S)
 def test_readme_has_exactly_the_two_setup_commands():
     text = README.read_text()
     bash = re.findall(r"```bash\n(.*?)```", text, re.S)
-    assert [b.strip() for b in bash] == ['pip install -e . && anonloader demo out', 'pip install -e ".[test]" && python -m pytest -q']
+    assert [b.strip() for b in bash] == ['pip install -e ".[demo]" && anonloader demo out', 'pip install -e ".[test]" && python -m pytest -q']
 
 
 def test_readme_snippets_run(tmp_path, monkeypatch):
