@@ -17,6 +17,13 @@ Strategies (see :mod:`anonloader.identity.keys`):
 Every face of one key gets the same assignment within a process (cached by digest); across
 processes the mapper's HMAC candidate order (and its persisted table, when ``store`` is given)
 keeps it the same.
+
+Nearness (IDDiffuse sec. 3.2): with ``feature_fn`` (crops -> attribute-space features, e.g.
+``IDDiffuse.identity_features``) and ``candidate_pool=K``, a new key's synthetic identity is
+picked among the ``K`` bank identities nearest to its first face's feature (``bank.features``
+in the same space; see :mod:`anonloader.identity.mapper`). Later faces of the key keep that
+first assignment. The features are computed only for faces of keys not yet assigned, used for
+ranking and never written anywhere.
 """
 
 from __future__ import annotations
@@ -51,6 +58,9 @@ class KeyedIdentityAssigner:
         registry_path: path of the online registry (``cluster`` fallback / ``online``).
         store_embeddings: opt in to writing real embeddings into the registry.
         template, margin: the alignment of the crops the pipeline passes (the method's).
+        feature_fn: ``F,3,S,S float in [0,1]`` crops (aligned for the embedder) -> ``F,D'``
+            attribute-space features for ranking the bank by nearness (needs ``candidate_pool``).
+        candidate_pool: how many nearest bank identities to choose among (see module doc).
     """
 
     def __init__(
@@ -67,6 +77,8 @@ class KeyedIdentityAssigner:
         store_embeddings: bool = False,
         template: str = "arcface",
         margin: float = 0.0,
+        feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        candidate_pool: int | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown identity strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -77,7 +89,10 @@ class KeyedIdentityAssigner:
             kwargs = {"template": template, "margin": margin} if embedder == "dlib" else {}
             embedder = load_embedder(embedder, **kwargs)
         self.embedder = embedder
-        self.mapper = KeyedMapper(secret, bank, embedder=embedder, store=store, secret_file=secret_file)
+        if feature_fn is not None and candidate_pool is None:
+            raise ConfigError("feature_fn ranks the bank by nearness; give candidate_pool=K (how many nearest identities to choose among)")
+        self.feature_fn = feature_fn
+        self.mapper = KeyedMapper(secret, bank, embedder=embedder, store=store, secret_file=secret_file, candidate_pool=candidate_pool)
         self.key_fn = key_fn
         self.clusters: ClusterResult | None = None
         self.registry = (
@@ -137,9 +152,33 @@ class KeyedIdentityAssigner:
         if content_hashes is None:
             raise ConfigError("fit with embeddings needs their content_hashes")
         self.clusters = cluster_embeddings(embeddings, content_hashes, self.threshold)
-        assignments = self.mapper.map_many(self.clusters.cluster_keys, self.clusters.centroids)
+        features = None
+        if self.feature_fn is not None and crops is not None and self.clusters.cluster_keys:
+            features = self._cluster_features(crops, content_hashes)
+        assignments = self.mapper.map_many(self.clusters.cluster_keys, self.clusters.centroids, features)
         self._assigned.update({a.key_digest: a for a in assignments})
         return self.clusters
+
+    def features(self, crops: torch.Tensor) -> torch.Tensor:
+        """``F,D'`` float32 attribute-space features of ``F,3,S,S`` crops from ``feature_fn`` (CPU)."""
+        if self.feature_fn is None:
+            raise ConfigError("this assigner has no feature_fn")
+        with torch.no_grad():
+            features = torch.as_tensor(self.feature_fn(crops)).detach().float().cpu()
+        if features.ndim != 2 or len(features) != len(crops):
+            raise IdentityError(f"feature_fn must return F,D' features for F={len(crops)} crops, got {tuple(features.shape)}")
+        return features
+
+    def _cluster_features(self, crops: torch.Tensor, content_hashes: Sequence[str]) -> torch.Tensor:
+        """One canonical feature per cluster: the normalised mean of its members' features,
+        summed in content-hash order (so it does not depend on the input order)."""
+        assert self.clusters is not None
+        features = torch.nn.functional.normalize(self.features(crops), dim=1)
+        members: dict[str, list[int]] = {}
+        for f in sorted(range(len(crops)), key=lambda i: (content_hashes[i], i)):
+            members.setdefault(self.clusters.keys[f], []).append(f)
+        means = [features[members[k]].sum(0) if k in members else torch.zeros(features.shape[1]) for k in self.clusters.cluster_keys]
+        return torch.nn.functional.normalize(torch.stack(means), dim=1)
 
     def keys(self, crops: torch.Tensor, image_index: torch.Tensor, labels: Sequence[Any] | None, embeddings: torch.Tensor | None) -> list[str]:
         """The real-identity key of every face."""
@@ -182,11 +221,16 @@ class KeyedIdentityAssigner:
         needs_embeddings = self.strategy != "label" or (self.mapper.bank is not None and self.embedder is not None)
         embeddings = self.embed(crops) if needs_embeddings else None
         keys = self.keys(crops, image_index, labels, embeddings)
+        digests = [self.mapper.digest(key) for key in keys]
+        features: dict[int, torch.Tensor] = {}
+        if self.feature_fn is not None and self.mapper.bank is not None:
+            new = [f for f, d in enumerate(digests) if d not in self._assigned and not self.mapper.is_assigned(d)]
+            if new:
+                features = dict(zip(new, self.features(crops[new])))
         out = []
-        for f, key in enumerate(keys):
-            digest = self.mapper.digest(key)
+        for f, (key, digest) in enumerate(zip(keys, digests)):
             if digest not in self._assigned:
-                self._assigned[digest] = self.mapper.map(key, None if embeddings is None else embeddings[f])
+                self._assigned[digest] = self.mapper.map(key, None if embeddings is None else embeddings[f], features.get(f))
             out.append(self._assigned[digest])
         return out
 
@@ -209,4 +253,13 @@ class KeyedIdentityAssigner:
             "embedder": None if self.embedder is None else self.embedder.config(),
             "mapper": self.mapper.config(),
             "key_fn": None if self.key_fn is None else getattr(self.key_fn, "__qualname__", repr(self.key_fn)),
-        }
+        } | ({} if self.feature_fn is None else {"feature_fn": _describe(self.feature_fn)})
+
+
+def _describe(fn: Callable[..., Any]) -> Any:
+    """A JSON-able description of a feature function: its owner's config when it is a bound method
+    of an object with ``config()`` (e.g. IDDiffuse: its weights hash), else its qualified name."""
+    owner = getattr(fn, "__self__", None)
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    describe = getattr(owner, "feature_config", None)
+    return {"name": name, **describe()} if callable(describe) else {"name": name}

@@ -9,8 +9,15 @@ face-swap style methods condition on. Sources:
 - :meth:`IdentityBank.from_sampler`: DiffDeID's latent ID sampler (embeddings only);
 - :meth:`IdentityBank.from_method`: a method's own samples from seeded generation.
 
+Optionally a bank also holds ``features`` (``N,D'``): each identity in an *attribute space*
+other than the recognizer's, e.g. IDDiffuse's E_I (paper sec. 3.2: the synthetic identity is
+chosen near the real face in E_I space so non-identity attributes fit). The keyed mapper ranks
+candidates by it (``KeyedMapper(candidate_pool=K)``); :meth:`IdentityBank.with_features` adds
+them, and ``meta["features"]`` says how they were made.
+
 Saved as ``<path>/bank.pt`` (tensors, ``torch.save``, loaded with ``weights_only``) plus
-``<path>/bank.json`` (names, metadata, fingerprint); the fingerprint is checked on load.
+``<path>/bank.json`` (names, metadata, fingerprint); the fingerprint is checked on load. A bank
+without ``features`` has the same fingerprint, files and format as before they existed.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ class IdentityBank:
         images: ``N,3,S,S float32 in [0,1]`` aligned faces, or None (embedding-only bank).
         names: ``N`` names (file names, sample ids).
         meta: JSON-able provenance (source, recognizer config, sampler settings).
+        features: ``N,D' float32`` L2-normalised attribute-space features (e.g. IDDiffuse E_I)
+            used to rank candidates by nearness, or None.
     """
 
     def __init__(
@@ -58,6 +67,7 @@ class IdentityBank:
         images: torch.Tensor | None = None,
         names: Sequence[str] | None = None,
         meta: dict[str, Any] | None = None,
+        features: torch.Tensor | None = None,
     ) -> None:
         if embeddings.ndim != 2 or len(embeddings) == 0:
             raise ConfigError(f"a bank needs N,D embeddings with N >= 1, got {tuple(embeddings.shape)}")
@@ -72,6 +82,14 @@ class IdentityBank:
         if len(self.names) != len(self.embeddings):
             raise ConfigError(f"{len(self.names)} names for {len(self.embeddings)} identities")
         self.meta = dict(meta or {})
+        if features is not None:
+            if features.ndim != 2 or len(features) != len(self.embeddings) or features.shape[1] == 0:
+                raise ConfigError(f"bank features must be N,D' with N = {len(self.embeddings)}, got {tuple(features.shape)}")
+            features = features.detach().float().cpu()
+            if float((features.norm(dim=1) - 1).abs().max()) > 1e-5:
+                features = torch.nn.functional.normalize(features, dim=1)
+            features = features.contiguous()
+        self.features = features
         self._fingerprint: str | None = None
 
     def __len__(self) -> int:
@@ -82,7 +100,8 @@ class IdentityBank:
         return int(self.embeddings.shape[1])
 
     def fingerprint(self) -> str:
-        """SHA-256 over the embeddings (float32 bytes), images (as uint8), names and metadata."""
+        """SHA-256 over the embeddings (float32 bytes), images (as uint8), names, metadata and,
+        when present, the features (float32 bytes; a bank without them hashes as it always did)."""
         if self._fingerprint is None:
             digest = hashlib.sha256()
             digest.update(b"anonloader/bank/v1")
@@ -90,6 +109,9 @@ class IdentityBank:
             if self.images is not None:
                 digest.update((self.images * 255).round().to(torch.uint8).numpy().tobytes())
             digest.update(json.dumps({"names": self.names, "meta": self.meta}, sort_keys=True).encode())
+            if self.features is not None:
+                digest.update(b"anonloader/bank/features/v1")
+                digest.update(self.features.numpy().astype("<f4").tobytes())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
@@ -97,6 +119,13 @@ class IdentityBank:
         """For ``F,D`` query embeddings: (``F`` best cosine similarity, ``F`` bank index)."""
         sims = torch.nn.functional.normalize(embeddings.float(), dim=1) @ self.embeddings.T
         return sims.max(dim=1)
+
+    def with_features(self, features: torch.Tensor, info: dict[str, Any] | None = None) -> IdentityBank:
+        """A copy of this bank with attribute-space ``features`` (``N,D'``, normalised here) and
+        ``meta["features"] = info`` (JSON-able: what space, which model/weights)."""
+        meta = dict(self.meta)
+        meta["features"] = dict(info or {})
+        return IdentityBank(self.embeddings, self.images, self.names, meta, features=features)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -106,6 +135,8 @@ class IdentityBank:
         tensors = {"embeddings": self.embeddings}
         if self.images is not None:
             tensors["images"] = self.images
+        if self.features is not None:
+            tensors["features"] = self.features
         torch.save(tensors, folder / "bank.pt")
         info = {"format": "anonloader-identity-bank", "version": 1, "names": self.names, "meta": self.meta, "fingerprint": self.fingerprint()}
         (folder / "bank.json").write_text(json.dumps(info, indent=1, sort_keys=True))
@@ -120,7 +151,7 @@ class IdentityBank:
             tensors = torch.load(folder / "bank.pt", map_location="cpu", weights_only=True)
         except (OSError, ValueError, RuntimeError) as error:
             raise IdentityError(f"cannot read the identity bank in {folder}: {error}") from error
-        bank = cls(tensors["embeddings"], tensors.get("images"), info["names"], info.get("meta"))
+        bank = cls(tensors["embeddings"], tensors.get("images"), info["names"], info.get("meta"), features=tensors.get("features"))
         if bank.fingerprint() != info.get("fingerprint"):
             raise IdentityError(f"the identity bank in {folder} does not match its fingerprint (modified or corrupt); rebuild it")
         return bank

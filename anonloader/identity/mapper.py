@@ -18,6 +18,28 @@ admissible candidate). Without a persisted table, two keys may collide with birt
 probability ``~k^2 / 2N``; :meth:`KeyedMapper.map_many` assigns a whole set of keys in
 canonical (digest) order, so the result does not depend on the order keys were seen.
 
+Nearness (IDDiffuse paper sec. 3.2: the synthetic identity is *near* the real face in E_I space
+so that non-identity attributes fit, yet not the same person). With ``candidate_pool=K`` and a
+real face's attribute-space feature (``real_feature``; the bank holds the same space in
+``bank.features``, or a ``ranker`` orders the bank), the candidates are first the ``K`` bank
+identities nearest to that feature, taken in a keyed order among themselves — ascending
+``HMAC-SHA256(secret, "anonloader/pool/v1" || digest || id)`` (rendezvous hashing: the order of
+two members does not depend on the ranking, so a small change of the feature that keeps the
+winner in the pool keeps the choice) — then, when every pool member is within the recognizer
+threshold or taken, the global keyed order above. The threshold and distinctness rules are the
+same as without a pool. Without ``real_feature`` (or ``candidate_pool=None``) the global order is
+used, exactly as before.
+
+Stability with a pool: two photos of one person have slightly different features, so their
+pools may differ. The *first* assignment of a key digest is kept — in the mapper's table for
+the process's life and, with ``store=``, on disk — so every later image of that person gets the
+same synthetic identity, whatever its feature. Without a persisted table, another process sees
+the same id as long as the first feature it sees keeps the same pool winner (usually, thanks to
+the rendezvous order, but not guaranteed); persist the table (``store=``) or map a canonical
+feature per key (e.g. a cluster's mean, as :meth:`KeyedIdentityAssigner.fit
+<anonloader.identity.assigner.KeyedIdentityAssigner.fit>` does) when that must hold across
+machines. Features are used only for ranking and never stored.
+
 The table persists as JSON with only keyed digests, synthetic ids, the bank fingerprint and a
 keyed check value ``HMAC(secret, "anonloader/check/v1")``: loading it with another secret
 raises :class:`~anonloader.errors.SecretError` instead of silently mapping differently.
@@ -30,7 +52,7 @@ import hmac
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +160,11 @@ class KeyedMapper:
         margin: skip candidates with cosine ``>= threshold - margin``.
         store: path of a persisted assignment table (JSON); created on :meth:`save`.
         secret_file: file holding the secret (instead of ``secret``).
+        candidate_pool: rank by nearness: try first the ``K`` bank identities nearest to the real
+            face's attribute-space feature (see module doc); None (default) = keyed order only.
+            Needs ``bank.features`` or a ``ranker``.
+        ranker: optional ``real_feature -> order`` callable (``N int64`` bank ids, nearest
+            first) replacing the default cosine ranking over ``bank.features``.
     """
 
     def __init__(
@@ -150,6 +177,8 @@ class KeyedMapper:
         margin: float = 0.05,
         store: str | os.PathLike[str] | None = None,
         secret_file: str | os.PathLike[str] | None = None,
+        candidate_pool: int | None = None,
+        ranker: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.secret = resolve_secret(secret, secret_file)
         self.bank = bank
@@ -159,6 +188,18 @@ class KeyedMapper:
         self.threshold = float(threshold)
         self.margin = float(margin)
         self.store = Path(store) if store is not None else None
+        if candidate_pool is not None:
+            if isinstance(candidate_pool, bool) or int(candidate_pool) < 1:
+                raise ConfigError(f"candidate_pool must be a positive number of bank identities, got {candidate_pool!r}")
+            candidate_pool = int(candidate_pool)
+            if ranker is None and (bank is None or isinstance(bank, int) or getattr(bank, "features", None) is None):
+                raise ConfigError(
+                    "candidate_pool ranks the bank by nearness to the real face, so the bank needs features in "
+                    "that space: add them with bank.with_features(...) (for IDDiffuse: "
+                    "IDDiffuse.with_bank_features(bank)), or pass ranker=..."
+                )
+        self.candidate_pool = candidate_pool
+        self.ranker = ranker
         self._table = _Table({})
         self._taken: dict[int, str] = {}
         if self.store is not None and self.store.exists():
@@ -198,6 +239,56 @@ class KeyedMapper:
                     return
         yield from (i for i in range(n) if i not in seen)
 
+    def rank(self, real_feature: torch.Tensor) -> torch.Tensor:
+        """``N int64`` bank ids, nearest to ``real_feature`` first.
+
+        Args:
+            real_feature: ``D' float`` attribute-space feature of the real face (any
+                normalisation); ranked by cosine similarity to ``bank.features`` (float64, ties
+                by id), or by the ``ranker`` given to the mapper.
+        """
+        if self.ranker is not None:
+            order = torch.as_tensor(self.ranker(real_feature)).long().reshape(-1).cpu()
+        else:
+            features = getattr(self.bank, "features", None)
+            if features is None:
+                raise ConfigError("ranking by nearness needs bank.features (IdentityBank.with_features) or a ranker")
+            real = real_feature.detach().double().reshape(-1).cpu()
+            if real.numel() != features.shape[1]:
+                raise IdentityError(
+                    f"the real face's feature has {real.numel()} dims but the bank's features have "
+                    f"{features.shape[1]}; compute both with the same model (e.g. IDDiffuse.with_bank_features)"
+                )
+            sims = features.double() @ torch.nn.functional.normalize(real, dim=0)
+            order = torch.sort(-sims, stable=True).indices
+        n = self.bank_size
+        if len(order) and (int(order.min()) < 0 or int(order.max()) >= n):
+            raise IdentityError(f"the ranker returned ids outside the bank of {n} identities")
+        return order
+
+    def pool(self, digest: str, real_feature: torch.Tensor) -> list[int]:
+        """The ``candidate_pool`` nearest bank ids to ``real_feature``, in the keyed (rendezvous)
+        order of ``digest`` (see module doc)."""
+        if self.candidate_pool is None:
+            raise ConfigError("this mapper has no candidate_pool")
+        members: list[int] = []
+        for i in self.rank(real_feature).tolist():
+            if i not in members:
+                members.append(i)
+                if len(members) == self.candidate_pool:
+                    break
+        raw = bytes.fromhex(digest)
+        return sorted(members, key=lambda i: (self.secret.digest(b"anonloader/pool/v1" + raw + i.to_bytes(4, "big")), i))
+
+    def _candidate_order(self, digest: str, real_feature: torch.Tensor | None) -> Iterator[int]:
+        if self.candidate_pool is None or real_feature is None:
+            yield from self.candidates(digest)
+            return
+        pool = self.pool(digest, real_feature)
+        yield from pool
+        tried = set(pool)
+        yield from (c for c in self.candidates(digest) if c not in tried)
+
     def _admissible(self, candidate: int, real_embedding: torch.Tensor | None) -> bool:
         if real_embedding is None or isinstance(self.bank, int) or getattr(self.bank, "embeddings", None) is None:
             return True
@@ -211,13 +302,15 @@ class KeyedMapper:
         return float(bank_vector @ real) < self.threshold - self.margin
 
     # ---------------------------------------------------------------- mapping
-    def map(self, key: str, real_embedding: torch.Tensor | None = None) -> IdentityAssignment:
-        """The synthetic identity of one real key.
+    def map(self, key: str, real_embedding: torch.Tensor | None = None, real_feature: torch.Tensor | None = None) -> IdentityAssignment:
+        """The synthetic identity of one real key (a key already in the table keeps its id).
 
         Args:
             key: the real-identity key (never stored; only its keyed digest is).
             real_embedding: ``D float`` recognizer embedding of the real face (any normalisation),
                 used to skip bank identities within the recognizer threshold.
+            real_feature: ``D' float`` attribute-space feature of the real face (e.g. E_I), used
+                only to rank candidates when the mapper has a ``candidate_pool``; never stored.
         """
         digest = self.digest(key)
         seed = seed_from_digest(digest)
@@ -227,7 +320,7 @@ class KeyedMapper:
             return IdentityAssignment(digest, self._table.assignments[digest], seed)
         first_admissible = None
         chosen = None
-        for candidate in self.candidates(digest):
+        for candidate in self._candidate_order(digest, real_feature):
             if not self._admissible(candidate, real_embedding):
                 continue
             if first_admissible is None:
@@ -246,13 +339,21 @@ class KeyedMapper:
         self._taken.setdefault(chosen, digest)
         return IdentityAssignment(digest, chosen, seed)
 
-    def map_many(self, keys: list[str], real_embeddings: torch.Tensor | None = None) -> list[IdentityAssignment]:
+    def is_assigned(self, digest: str) -> bool:
+        """Whether the table already holds ``digest`` (its id no longer depends on features)."""
+        return digest in self._table.assignments
+
+    def map_many(
+        self, keys: list[str], real_embeddings: torch.Tensor | None = None, real_features: torch.Tensor | None = None
+    ) -> list[IdentityAssignment]:
         """Map a set of keys in canonical (digest) order, so the result does not depend on their order.
 
         Args:
             keys: real-identity keys (repeats allowed).
             real_embeddings: ``K,D`` embeddings aligned with ``keys`` (for a repeated key, the
                 first row is used), or None.
+            real_features: ``K,D'`` attribute-space features aligned with ``keys`` (ranking
+                only, first row of a repeated key), or None.
         """
         digests = [self.digest(k) for k in keys]
         first: dict[str, int] = {}
@@ -261,13 +362,17 @@ class KeyedMapper:
         by_digest: dict[str, IdentityAssignment] = {}
         for d in sorted(first):
             i = first[d]
-            by_digest[d] = self.map(keys[i], None if real_embeddings is None else real_embeddings[i])
+            by_digest[d] = self.map(
+                keys[i],
+                None if real_embeddings is None else real_embeddings[i],
+                None if real_features is None else real_features[i],
+            )
         return [by_digest[d] for d in digests]
 
     # ---------------------------------------------------------------- persisted table
     def state(self) -> dict[str, Any]:
         """The persisted form: keyed digests, synthetic ids, bank fingerprint, check value."""
-        return {
+        state = {
             "format": _STORE_FORMAT,
             "version": _STORE_VERSION,
             "check": self.secret.check_value(),
@@ -276,6 +381,9 @@ class KeyedMapper:
             "margin": self.margin,
             "assignments": dict(sorted(self._table.assignments.items())),
         }
+        if self.candidate_pool is not None:
+            state["candidate_pool"] = self.candidate_pool
+        return state
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the assignment table (atomically) to ``path`` or the mapper's ``store``."""
@@ -314,10 +422,15 @@ class KeyedMapper:
 
     def config(self) -> dict[str, Any]:
         """Settings that change assignments — the secret only as its keyed check value."""
-        return {
+        config: dict[str, Any] = {
             "check": self.secret.check_value(),
             "bank": self.bank_fingerprint(),
             "threshold": self.threshold,
             "margin": self.margin,
             "persisted": self.store is not None,
         }
+        if self.candidate_pool is not None:  # absent otherwise, so existing fingerprints stay the same
+            config["candidate_pool"] = self.candidate_pool
+            if self.ranker is not None:
+                config["ranker"] = getattr(self.ranker, "__qualname__", type(self.ranker).__name__)
+        return config
