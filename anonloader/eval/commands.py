@@ -40,8 +40,11 @@ def _clean(report: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in report.items()}
 
 
-def run_baselines(photos: tuple[str, ...] = ("t1", "astronaut", "tom_hanks"), *, embedder: Any = "dlib") -> list[dict[str, Any]]:
-    """Evaluate :data:`BASELINES` on packaged photos; faces come from MTCNN on the originals."""
+def run_baselines(
+    photos: tuple[str, ...] = ("t1", "astronaut", "tom_hanks"), *, embedder: Any = "dlib", attribute_models: Any = "auto"
+) -> list[dict[str, Any]]:
+    """Evaluate :data:`BASELINES` on packaged photos; faces come from MTCNN on the originals.
+    ``attribute_models``: see :func:`anonloader.eval.runner.evaluate_pairs`."""
     import numpy as np
     import torch
 
@@ -62,7 +65,9 @@ def run_baselines(photos: tuple[str, ...] = ("t1", "astronaut", "tom_hanks"), *,
         else:
             anonymizer = Anonymizer(method, detector=None, **kwargs)
             anonymized = anonymizer(images, detections=faces).images
-        reports.append(evaluate_pairs(images, anonymized, faces=faces, detector=detector, embedder=embedder, name=row))
+        reports.append(
+            evaluate_pairs(images, anonymized, faces=faces, detector=detector, embedder=embedder, name=row, attribute_models=attribute_models)
+        )
     return reports
 
 
@@ -74,16 +79,23 @@ def _print_and_save(reports: list[dict[str, Any]], json_path: str | None) -> Non
         Path(json_path).write_text(json.dumps([_clean(r) for r in reports], indent=1, default=_json_default))
 
 
+def _attribute_models(args: argparse.Namespace) -> Any:
+    names = args.attribute_models
+    if names == ["auto"]:
+        return "auto"
+    return None if names == ["none"] else names
+
+
 def _run_folders(args: argparse.Namespace) -> int:
     from anonloader.eval.runner import evaluate_folders
 
-    report = evaluate_folders(args.originals, args.anonymized, embedder=args.embedder, detector=args.detector)
+    report = evaluate_folders(args.originals, args.anonymized, embedder=args.embedder, detector=args.detector, attribute_models=_attribute_models(args))
     _print_and_save([report], args.json)
     return 0
 
 
 def _run_baselines(args: argparse.Namespace) -> int:
-    _print_and_save(run_baselines(tuple(args.photos), embedder=args.embedder), args.json)
+    _print_and_save(run_baselines(tuple(args.photos), embedder=args.embedder, attribute_models=_attribute_models(args)), args.json)
     return 0
 
 
@@ -100,4 +112,11 @@ def register(subparsers: Any) -> None:
     for sub, run in ((folders, _run_folders), (baselines, _run_baselines)):
         sub.add_argument("--embedder", default="dlib", help="recognizer: dlib (offline) or arcface")
         sub.add_argument("--json", help="also write the report(s) to this JSON file")
+        sub.add_argument(
+            "--attribute-models",
+            nargs="+",
+            default=["auto"],
+            metavar="NAME",
+            help="offline utility models: landmarks68 expression, 'auto' (those installed, the default) or 'none'",
+        )
         sub.set_defaults(run=run)

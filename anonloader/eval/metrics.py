@@ -15,15 +15,18 @@ from typing import Any
 import torch
 
 __all__ = [
+    "angle_difference",
     "consistency",
     "cosine_matrix",
     "detection_recall",
     "head_pose_from_landmarks",
     "head_pose_difference",
+    "landmark68_displacement",
     "landmark_displacement",
     "leak_count",
     "protection_success_rate",
     "reidentification_rate",
+    "top_label_agreement",
     "tpr_at_fpr",
     "verification_scores",
 ]
@@ -213,3 +216,32 @@ def head_pose_difference(reference: torch.Tensor, other: torch.Tensor) -> torch.
     diff = (head_pose_from_landmarks(other) - head_pose_from_landmarks(reference)).abs()
     diff[:, 2] = torch.minimum(diff[:, 2], 360 - diff[:, 2])
     return diff
+
+
+#: iBUG 300-W indices of the six points around each eye (as seen in the image: left, right)
+EYES_68 = (tuple(range(36, 42)), tuple(range(42, 48)))
+
+
+def landmark68_displacement(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``N`` mean 68-point displacement between ``N,68,2`` landmark sets (iBUG 300-W order), in
+    units of the reference's inter-ocular distance (between the centres of its two eyes, each
+    the mean of its six points), the same unit as :func:`landmark_displacement`."""
+    reference, other = reference.float(), other.float()
+    left, right = reference[:, list(EYES_68[0])].mean(dim=1), reference[:, list(EYES_68[1])].mean(dim=1)
+    inter_ocular = (right - left).norm(dim=-1).clamp_min(1e-6)
+    return (other - reference).norm(dim=-1).mean(dim=1) / inter_ocular
+
+
+def angle_difference(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Absolute differences of angles in degrees (any shape, e.g. ``N,3`` yaw/pitch/roll),
+    wrapped to [0, 180]."""
+    diff = torch.remainder(other.float() - reference.float(), 360.0)
+    return torch.minimum(diff, 360.0 - diff)
+
+
+def top_label_agreement(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Fraction of rows whose highest-scoring class is the same in ``N,C`` scores (probabilities
+    or logits) ``reference`` and ``other``; NaN for no row."""
+    if len(reference) == 0:
+        return float("nan")
+    return float((reference.argmax(dim=1) == other.argmax(dim=1)).float().mean())

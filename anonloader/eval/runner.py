@@ -8,6 +8,9 @@ is aligned in both images with the original's landmarks and embedded by the reco
 - detection on the anonymized images: recall against the original boxes;
 - utility: 5-point landmark displacement / inter-ocular distance and head-pose difference
   (from landmarks) between the original faces and the faces detected in the anonymized images;
+  and, with the offline attribute models of :mod:`anonloader.eval.utility_models` read inside
+  the original's boxes in both images, dlib's 68-point displacement, the head-pose difference
+  from those 68 points, and the expression agreement (same top emotion);
 - consistency (with identity labels per face): same synthetic id fraction and recognizer
   similarity among the anonymized versions of one person.
 
@@ -44,6 +47,9 @@ COLUMNS = (
     ("leaks", "leaks"),
     ("landmark_displacement", "lmk/IOD"),
     ("head_pose_difference", "pose(deg)"),
+    ("landmark68_displacement", "lmk68/IOD"),
+    ("head_pose68_difference", "pose68(deg)"),
+    ("expression_agreement", "expr.agree"),
     ("same_synthetic_id", "same-id"),
 )
 
@@ -70,6 +76,7 @@ def evaluate_pairs(
     identities: Sequence[Any] | None = None,
     synthetic_ids: Sequence[Any] | None = None,
     name: str = "",
+    attribute_models: str | Sequence[str] | None = "auto",
 ) -> dict[str, Any]:
     """Metrics of one anonymization over a set of images.
 
@@ -81,6 +88,9 @@ def evaluate_pairs(
         embedder: the recognizer (or name).
         identities: one real-identity label per face (flattened in image order), for consistency.
         synthetic_ids: the synthetic id given to each face (flattened), for consistency.
+        attribute_models: offline utility models to compare with (names from
+            :data:`anonloader.eval.utility_models.ATTRIBUTE_MODELS`), ``"auto"`` for those
+            installed here, or None for none.
     """
     from anonloader.align import align_faces
     from anonloader.detect import load_detector
@@ -137,6 +147,14 @@ def evaluate_pairs(
                 pose.append(metrics.head_pose_difference(reference.landmarks[r], detected.landmarks[d]).mean(dim=1))
         report["landmark_displacement"] = _mean(torch.cat(displacement)) if displacement else float("nan")
         report["head_pose_difference"] = _mean(torch.cat(pose)) if pose else float("nan")
+    if attribute_models is not None and kept:
+        from anonloader.eval.utility_models import compare_attributes
+
+        report.update(
+            compare_attributes(
+                [originals[i] for i in kept], [anonymized[i] for i in kept], [f.boxes for f in kept_faces], attribute_models  # type: ignore[misc]
+            )
+        )
     report["recognizer"] = embedder.config()
     return report
 
@@ -169,6 +187,7 @@ def evaluate_anonymizer(
     embedder: Any = "dlib",
     detector: Any = None,
     name: str | None = None,
+    attribute_models: str | Sequence[str] | None = "auto",
 ) -> dict[str, Any]:
     """Run ``anonymizer`` (an :class:`~anonloader.pipeline.Anonymizer`) on ``images`` and
     evaluate. The faces it found (its records) are the reference faces; ``labels`` (one per
@@ -202,6 +221,7 @@ def evaluate_anonymizer(
         identities=identities if labels is not None else None,
         synthetic_ids=synthetic_ids if labels is not None else None,
         name=name or getattr(method, "name", "anonymizer"),
+        attribute_models=attribute_models,
     )
     report["anonymizer"] = anonymizer.fingerprint()[:16] if hasattr(anonymizer, "fingerprint") else None
     return report
