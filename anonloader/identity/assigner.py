@@ -36,7 +36,14 @@ import torch
 
 from anonloader.errors import ConfigError, IdentityError
 from anonloader.identity.base import IdentityAssignment
-from anonloader.identity.keys import ClusterResult, FaceTracker, IdentityRegistry, cluster_embeddings, face_content_hash, label_key
+from anonloader.identity.keys import (
+    ClusterResult,
+    FaceTracker,
+    IdentityRegistry,
+    cluster_embeddings,
+    face_content_hash,
+    label_key,
+)
 from anonloader.identity.mapper import KeyedMapper
 
 __all__ = ["STRATEGIES", "KeyedIdentityAssigner"]

@@ -213,3 +213,39 @@ def test_assigner_ranks_with_feature_fn_and_keeps_the_first_assignment() -> None
     assert ids != mine
     assert assigner.config()["feature_fn"]["name"].endswith("feature_fn")
     assert assigner.config()["mapper"]["candidate_pool"] == 4
+
+
+class _ColourEmbedder:
+    """A toy recognizer for the cluster strategy: the unit mean colour (faces of one tint match)."""
+
+    name, dim, crop_size, template, threshold = "colour", 3, 16, "arcface", 0.995
+
+    def __call__(self, crops: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(crops.flatten(2).mean(2), dim=1)
+
+    def config(self) -> dict:
+        return {"name": self.name, "threshold": self.threshold}
+
+
+def test_cluster_fit_ranks_each_cluster_by_its_mean_feature_in_any_order() -> None:
+    g = torch.Generator().manual_seed(8)
+    images = (torch.rand(40, 3, 1, 1, generator=g) * 0.8 + 0.1 + 0.05 * torch.randn(40, 3, 16, 16, generator=g)).clamp(0, 1)
+    unlike = -torch.rand(40, 3, generator=g)  # recognizer space of the toy embedder, never a look-alike
+    bank = IdentityBank(unlike, images=images).with_features(_colour_features(images))
+    tints = torch.tensor([[0.8, 0.3, 0.2], [0.2, 0.3, 0.8], [0.3, 0.8, 0.3]])
+    crops = torch.stack([(t.view(3, 1, 1) + 0.04 * torch.randn(3, 16, 16, generator=g)).clamp(0, 1) for t in tints for _ in range(3)])
+
+    def ids(order: list[int]) -> list[int | None]:
+        assigner = KeyedIdentityAssigner("cluster", secret=SECRET, bank=bank, embedder=_ColourEmbedder(),
+                                         feature_fn=_colour_features, candidate_pool=4)
+        assigner.fit(crops[order])
+        out = assigner.assign(crops[order], torch.arange(len(order)), None)
+        by_face = dict(zip(order, (a.synthetic_id for a in out)))
+        return [by_face[i] for i in range(len(crops))]
+
+    first = ids(list(range(9)))
+    assert len(set(first)) == 3 and all(len(set(first[3 * p : 3 * p + 3])) == 1 for p in range(3))
+    for p in range(3):
+        mean = torch.nn.functional.normalize(torch.nn.functional.normalize(_colour_features(crops[3 * p : 3 * p + 3]), dim=1).sum(0), dim=0)
+        assert first[3 * p] in _k_nearest(bank, mean, 4)
+    assert ids(torch.randperm(9, generator=g).tolist()) == first

@@ -17,6 +17,18 @@ real person keeps the same synthetic person.
 ``gamma=0`` (default) is the full synthetic identity, ``gamma=1`` keeps the original.
 ``guidance_scale`` > 1 applies classifier-free guidance against the null conditions.
 
+Choosing the synthetic identity near the real face (paper sec. 3.2): the bank gets E_I
+features (:meth:`IDDiffuse.with_bank_features`) and the keyed assigner ranks the bank by the
+real face's E_I feature (:meth:`IDDiffuse.identity_features` as ``feature_fn``)::
+
+    model.bank = model.with_bank_features(IdentityBank.load("bank"))  # E_I features of its images
+    assigner = KeyedIdentityAssigner("cluster", secret=..., bank=model.bank,
+                                     feature_fn=model.identity_features, candidate_pool=16)
+
+The synthetic identity is then among the 16 bank identities nearest in E_I space, picked in
+the keyed order, never within the recognizer threshold of the real face, and kept for every
+later image of that person (the mapper's table; see :mod:`anonloader.identity.mapper`).
+
 Checkpoint layout (``save_pretrained(path)``): ``path/iddiffuse.json`` (format, network config,
 sampling settings) and ``path/model.safetensors`` (every weight: recognizers, mapper, texture
 head, UNet — EMA weights when exported from training). The identity bank is separate
@@ -220,6 +232,47 @@ class IDDiffuse:
         if images.shape[-1] != self.crop_size or images.shape[-2] != self.crop_size:
             images = nn.functional.interpolate(images, size=(self.crop_size, self.crop_size), mode="bilinear", align_corners=False)
         return images.clamp(0, 1)
+
+    # ------------------------------------------------------------------ E_I features for the mapping
+    @torch.no_grad()
+    def identity_features(self, crops: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """E_I features of faces: ``F,3,S,S float in [0,1]`` crops aligned with the arcface
+        template (any ``S``; resized to ``crop_size``) -> ``F,D float32`` unit vectors on the CPU.
+
+        Usable as ``KeyedIdentityAssigner(feature_fn=model.identity_features)``; the assigner's
+        crops come with its embedder's alignment (dlib and ArcFace: the arcface template).
+        """
+        if crops.ndim != 4 or crops.shape[1] != 3:
+            raise MethodError(f"identity_features expects F,3,S,S crops, got {tuple(crops.shape)}")
+        device = next(self.network.parameters()).device
+        out = []
+        for start in range(0, len(crops), batch_size):
+            part = crops[start:start + batch_size].float().to(device)
+            if part.shape[-1] != self.crop_size or part.shape[-2] != self.crop_size:
+                part = nn.functional.interpolate(part, size=(self.crop_size, self.crop_size), mode="bilinear", align_corners=False, antialias=True)
+            out.append(self.network.identity_encoder(part.clamp(0, 1)).float().cpu())
+        if not out:
+            return torch.zeros(0, int(self.network.identity_encoder.dim))
+        return torch.cat(out)
+
+    def bank_features(self, bank: Any = None, batch_size: int = 64) -> torch.Tensor:
+        """``N,D float32`` E_I features of a bank's images (default: this method's bank)."""
+        bank = self.bank if bank is None else bank
+        if bank is None or getattr(bank, "images", None) is None:
+            raise MethodError("bank_features needs an IdentityBank with images (e.g. IdentityBank.from_folder)")
+        return self.identity_features(bank.images, batch_size=batch_size)
+
+    def feature_config(self) -> dict[str, Any]:
+        """What the E_I features depend on (stored in ``bank.meta["features"]``)."""
+        if self._weights_hash is None:
+            self._weights_hash = _state_hash(self.network)
+        return {"space": "iddiffuse/E_I", "crop_size": self.crop_size, "weights_sha256": self._weights_hash}
+
+    def with_bank_features(self, bank: Any = None, batch_size: int = 64) -> Any:
+        """A copy of ``bank`` (default: this method's) holding its E_I features, so the keyed
+        mapper can choose synthetic identities near the real face (``candidate_pool``)."""
+        bank = self.bank if bank is None else bank
+        return bank.with_features(self.bank_features(bank, batch_size), self.feature_config())
 
     def _make_scheduler(self) -> Any:
         from diffusers import DDIMScheduler, DDPMScheduler
