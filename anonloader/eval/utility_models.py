@@ -174,7 +174,7 @@ def predict_landmarks_68(images: Sequence[torch.Tensor], boxes: Sequence[torch.T
         array = _to_uint8_hwc(image)
         faces = []
         for box in image_boxes.tolist():
-            left, top, right, bottom = (int(round(v)) for v in box)
+            left, top, right, bottom = (round(v) for v in box)
             shape = predictor(array, dlib.rectangle(left, top, right, bottom))
             faces.append([(point.x, point.y) for point in shape.parts()])
         out.append(torch.tensor(faces, dtype=torch.float32))
@@ -231,8 +231,8 @@ def _expression_inputs(image: np.ndarray, boxes: torch.Tensor) -> np.ndarray:
     for x1, y1, x2, y2 in boxes.tolist():
         side = max(x2 - x1, y2 - y1, 1.0)
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
-        size = max(1, int(round(side)))
+        left, top = round(cx - side / 2), round(cy - side / 2)
+        size = max(1, round(side))
         pad = max(0, -left, -top, left + size - width, top + size - height)
         padded = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE) if pad else gray
         crop = padded[top + pad : top + pad + size, left + pad : left + pad + size]
