@@ -86,11 +86,11 @@ def resolve_directory(
     text = str(reference)
     if path.exists() or not _looks_like_hub_id(text):
         raise ModelLoadError(f"FAMS {what}: {text!r} is neither a directory nor a hub id (owner/name)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # network-ok: fetches only when allow_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        local = snapshot_download(
+        local = snapshot_download(  # network-ok: local_files_only unless allow_download
             text, revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns, local_files_only=not allow_download
         )
     except LocalEntryNotFoundError as error:
