@@ -86,10 +86,22 @@ def _content_seed(crop: torch.Tensor) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _SEED_MASK
 
 
+def _face_record(faces: Detections, f: int, status: str, **extra: Any) -> FaceRecord:
+    """The record of face ``f`` of ``faces``."""
+    return FaceRecord(
+        box=tuple(float(v) for v in faces.boxes[f]),
+        landmarks=tuple((float(x), float(y)) for x, y in faces.landmarks[f]),
+        score=float(faces.scores[f]),
+        status=status,
+        **extra,
+    )
+
+
 def _to_crop(landmarks: torch.Tensor, crop_size: int, template: str, margin: float) -> torch.Tensor:
     """``N,5,2`` image-pixel landmarks -> the same points in crop pixels."""
+    landmarks = landmarks.float().cpu()
     affine = estimate_affine(landmarks, crop_size, template, margin)
-    points = torch.cat([landmarks.float().cpu(), torch.ones(len(landmarks), 5, 1)], dim=2)
+    points = torch.cat([landmarks, torch.ones(len(landmarks), 5, 1)], dim=2)
     return points @ affine.transpose(1, 2)
 
 
@@ -306,7 +318,11 @@ class Anonymizer:
                 feather=self.feather,
                 color_match=self.uses_color_match,
             )
-        except Exception as error:  # noqa: BLE001 - every face of the batch fails closed
+        except Exception as error:  # noqa: BLE001 - isolate the failing image, then fail closed
+            if len(ok) > 1:  # one bad face must not cost the other images of the batch
+                for i in ok:
+                    self._anonymize_faces(images, found, [i], labels, outputs, records, errors)
+                return
             if self.on_error == "raise":
                 raise AnonymizationFailed(
                     f"images {ok}: anonymization failed ({type(error).__name__}: {error}); "
@@ -320,15 +336,7 @@ class Anonymizer:
         for slot, i in enumerate(ok):
             outputs[i] = pasted[slot].to(images[i].device)  # type: ignore[union-attr]
             for f in range(len(found[i])):
-                records[i].append(
-                    FaceRecord(
-                        box=tuple(float(v) for v in found[i].boxes[f]),
-                        landmarks=tuple((float(x), float(y)) for x, y in found[i].landmarks[f]),
-                        score=float(found[i].scores[f]),
-                        status="anonymized",
-                        synthetic_id=conditions.synthetic_ids[face_cursor],
-                    )
-                )
+                records[i].append(_face_record(found[i], f, "anonymized", synthetic_id=conditions.synthetic_ids[face_cursor]))
                 face_cursor += 1
 
     def _conditions(
@@ -408,16 +416,8 @@ class Anonymizer:
                     raise AnonymizationFailed(
                         f"{errors[i]}; fix the cause or choose on_error='obscure' or 'drop'"
                     )
-                records[i] = [
-                    FaceRecord(
-                        box=tuple(float(v) for v in found[i].boxes[f]),
-                        landmarks=tuple((float(x), float(y)) for x, y in found[i].landmarks[f]),
-                        score=float(found[i].scores[f]),
-                        status="failed" if self.on_error == "drop" or image is None else "obscured",
-                        error=errors[i],
-                    )
-                    for f in range(n_faces)
-                ]
+                status = "failed" if self.on_error == "drop" or image is None else "obscured"
+                records[i] = [_face_record(found[i], f, status, error=errors[i]) for f in range(n_faces)]
                 if self.on_error == "drop" or image is None:
                     self.counters["dropped"] += 1
                     result.append(None)

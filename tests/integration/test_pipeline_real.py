@@ -139,3 +139,31 @@ def test_anonymizer_pickles_without_models(blur, astronaut_image):
     clone = pickle.loads(pickle.dumps(blur))
     assert clone.fingerprint() == blur.fingerprint()
     assert torch.equal(clone([astronaut_image]).images[0], blur([astronaut_image]).images[0])
+
+
+class _FailsOnDarkFaces:
+    """Fails for any batch holding a crop darker than ``limit`` (a per-face model failure)."""
+
+    name, crop_size, template = "fails_on_dark", 64, "arcface"
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+
+    def __call__(self, crops, conditions):
+        if bool((crops.mean(dim=(1, 2, 3)) < self.limit).any()):
+            raise RuntimeError("simulated failure on a dark face")
+        return 1 - crops
+
+    def config(self):
+        return {"limit": self.limit}
+
+
+def test_one_failing_face_costs_only_its_own_image(astronaut_image):
+    dark = astronaut_image * 0.2
+    (face,) = Anonymizer("blur")([astronaut_image]).records
+    given = [Detections(torch.tensor([face[0].box]), torch.tensor([face[0].landmarks]), torch.ones(1))] * 2
+    anonymizer = Anonymizer(_FailsOnDarkFaces(limit=0.15), detector=None, on_error="drop")
+    result = anonymizer([astronaut_image, dark], detections=given)
+    assert result.images[0] is not None and result.records[0][0].status == "anonymized"
+    assert result.images[1] is None and "dark face" in result.errors[1]
+    assert anonymizer.counters["anonymized"] == 1 and anonymizer.counters["dropped"] == 1
