@@ -27,6 +27,10 @@ class Method(Protocol):
 
     ``config()`` returns a JSON-able dict of every parameter that changes output pixels,
     including hashes of weight files; it feeds the pipeline fingerprint.
+
+    Optional attributes the pipeline reads when present: ``margin`` (alignment margin, default
+    0) and ``paste_color_match`` (whether paste-back matches the generated face's colours to the
+    original's, default True; the classical baselines keep their own colours).
     """
 
     name: str
