@@ -6,6 +6,11 @@
   versus ``F.scaled_dot_product_attention`` on the concatenated keys/values (concatenation,
   and for the blended case the blend, included in its time) and versus a naive
   ``softmax(q k^T) v``. FLOPs counted as ``4 * B * H * Lq * Lk * D`` for every variant.
+  Forward + backward (gradients of q and every key/value, and of the blend weight): the fused
+  Triton forward/backward versus ``F.scaled_dot_product_attention``'s on the concatenation
+  (cat and blend, and their backward, included) and versus the reference-recompute backward
+  (``backward="reference"``). FLOPs counted as ``(4 + 10) * B * H * Lq * Lk * D`` (the
+  flash-attention-2 backward recomputes ``q k^T``: 5 matmuls).
 - Paste-back of 4 faces (256x256 crops) into a 1080p image: GB/s (image read + output written +
   crops read) of the Triton kernel versus the kornia reference.
 
@@ -88,6 +93,59 @@ def bench_attention(batch: int, heads: int, lq: int, lk_each: int, head_dim: int
         ("naive softmax(qk^T)v on torch.cat", naive),
         ("multi_source_attention (blended 3rd segment)", fused_blend),
         ("sdpa on blend + torch.cat (included)", sdpa_blend_concat),
+    ]
+    print(f"  {'variant':48s} {'ms':>9s} {'TFLOP/s':>9s}")
+    for name, fn in rows:
+        try:
+            ms = _bench(fn)
+        except torch.OutOfMemoryError:
+            print(f"  {name:48s} {'OOM':>9s}")
+            torch.cuda.empty_cache()
+            continue
+        print(f"  {name:48s} {ms:9.3f} {flops / ms / 1e9:9.1f}")
+    bench_attention_backward(q, own, refs, other, weight)
+
+
+def bench_attention_backward(q: torch.Tensor, own, refs: list, other, weight: float) -> None:
+    """Forward + backward timings; gradients of q, every key/value and a tensor blend weight."""
+    from anonloader.kernels.attention import KV, BlendedKV, multi_source_attention
+
+    batch, heads, lq, head_dim = q.shape
+    q = q.detach().requires_grad_()
+    leaves = [t.detach().requires_grad_() for seg in (own, *refs, other) for t in (seg.k, seg.v)]
+    k0, v0, k1, v1, k2, v2, k3, v3 = leaves
+    w = torch.full((batch,), weight, device=q.device, dtype=torch.float32, requires_grad=True)
+    lk = k0.shape[2] + k1.shape[2] + k2.shape[2]
+    flops = 14 * batch * heads * lq * lk * head_dim
+    grad_out = torch.randn_like(q)
+    inputs = [q, *leaves, w]
+
+    def run(forward):
+        def step():
+            for t in inputs:
+                t.grad = None
+            forward().backward(grad_out)
+        return step
+
+    def fused(backward: str = "triton"):
+        return multi_source_attention(q, [KV(k0, v0), KV(k1, v1), BlendedKV(k2, v2, k3, v3, w)], backward=backward)
+
+    def sdpa():
+        wv = w.to(q.dtype).view(-1, 1, 1, 1)
+        k = torch.cat([k0, k1, (1 - wv) * k2 + wv * k3], dim=2)
+        v = torch.cat([v0, v1, (1 - wv) * v2 + wv * v3], dim=2)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    grads = {}
+    for name, fn in (("fused", fused), ("sdpa", sdpa)):
+        run(fn)()
+        grads[name] = [t.grad.float().clone() for t in inputs]
+    worst = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip(grads["fused"], grads["sdpa"]))
+    print(f"forward+backward (blended 3rd segment, grads of q, 8 k/v tensors, weight): max relative |grad fused - sdpa| = {worst:.2e}")
+    rows = [
+        ("multi_source_attention fwd+bwd (Triton bwd)", run(fused)),
+        ("multi_source_attention fwd+bwd (reference bwd)", run(lambda: fused("reference"))),
+        ("sdpa on blend + torch.cat fwd+bwd", run(sdpa)),
     ]
     print(f"  {'variant':48s} {'ms':>9s} {'TFLOP/s':>9s}")
     for name, fn in rows:

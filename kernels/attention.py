@@ -11,9 +11,13 @@ tensors through Triton's interpreter); :func:`multi_source_attention_reference` 
 everywhere else. Triton is imported lazily, only when the kernel runs.
 
 Autograd: the reference path is differentiated by torch. The Triton path is a
-:class:`torch.autograd.Function` whose forward is the fused kernel and whose backward
-**recomputes the attention through the reference** (materializing the ``Lq x sum(Lk)`` scores
-for that step only); a fused Triton backward is not implemented yet.
+:class:`torch.autograd.Function` whose forward is the fused kernel (which also keeps the
+float32 per-row log-sum-exp) and whose backward is, by default (``backward="triton"``), a fused
+flash-attention-2 style Triton backward: per segment (never concatenated) one dK/dV kernel over
+key blocks and one dQ kernel over query blocks that recompute ``P = exp(q k^T * scale - lse)``
+tile by tile, deterministic (no atomics); blended segments get the gradient of the blend and
+then of ``a``, ``b`` and the weight from it. ``backward="reference"`` instead recomputes the
+attention through the reference (materializing the ``Lq x sum(Lk)`` scores for that step).
 """
 
 from __future__ import annotations
@@ -188,30 +192,62 @@ def _use_triton(q: torch.Tensor, backend: str | None) -> bool:
 
 
 class _MultiSourceAttentionFunction(torch.autograd.Function):
-    """Forward: the fused Triton kernel. Backward: recomputes through the reference."""
+    """Forward: the fused Triton kernel (also keeps the per-row log-sum-exp). Backward: the fused
+    Triton backward (``backward="triton"``) or a recompute through the reference
+    (``backward="reference"``)."""
 
     @staticmethod
-    def forward(ctx: Any, scale: float, kinds: tuple[str, ...], q: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, scale: float, kinds: tuple[str, ...], backward: str, q: torch.Tensor, *flat: torch.Tensor
+    ) -> torch.Tensor:
         from ._triton_attention import attention_forward
 
         segments = _unflatten(kinds, flat)
-        out = attention_forward(q, segments, scale)
+        out, lse = attention_forward(q, segments, scale)
         ctx.scale = scale
         ctx.kinds = kinds
-        ctx.save_for_backward(q, *flat)
+        ctx.backward_kind = backward
+        if backward == "triton":
+            ctx.save_for_backward(q, out, lse, *flat)
+        else:
+            ctx.save_for_backward(q, *flat)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        needs = ctx.needs_input_grad[3:]
+        if ctx.backward_kind == "triton":
+            return (None, None, None, *_triton_backward(ctx, grad_out, needs))
         q, *flat = ctx.saved_tensors
-        needs = ctx.needs_input_grad[2:]
         with torch.enable_grad():
             inputs = [t.detach().requires_grad_(need) for t, need in zip([q, *flat], needs)]
             out = multi_source_attention_reference(inputs[0], _unflatten(ctx.kinds, inputs[1:]), scale=ctx.scale)
             wanted = [t for t in inputs if t.requires_grad]
             grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True)) if wanted else iter(())
         result = [next(grads) if t.requires_grad else None for t in inputs]
-        return (None, None, *result)
+        return (None, None, None, *result)
+
+
+def _triton_backward(ctx: Any, grad_out: torch.Tensor, needs: Sequence[bool]) -> list[torch.Tensor | None]:
+    """Gradients of ``q`` and every flattened segment tensor through the fused Triton backward."""
+    from ._triton_attention import attention_backward
+
+    q, out, lse, *flat = ctx.saved_tensors
+    segments = _unflatten(ctx.kinds, flat)
+    needs_segments, per_segment, i = [], [], 1
+    for kind in ctx.kinds:
+        n = 2 if kind == "kv" else 5
+        per_segment.append(needs[i : i + n])
+        needs_segments.append(any(needs[i : i + n]))
+        i += n
+    dq, seg_grads = attention_backward(grad_out, q, out, lse, segments, ctx.scale, needs[0], needs_segments)
+    result: list[torch.Tensor | None] = [dq]
+    for grads, wanted in zip(seg_grads, per_segment):
+        if grads is None:
+            result.extend([None] * len(wanted))
+        else:
+            result.extend(g if w else None for g, w in zip(grads, wanted))
+    return result
 
 
 def _flatten(segments: list[KV | BlendedKV]) -> tuple[tuple[str, ...], list[torch.Tensor]]:
@@ -240,7 +276,12 @@ def _unflatten(kinds: tuple[str, ...], flat: Sequence[torch.Tensor]) -> list[KV 
 
 
 def multi_source_attention(
-    q: torch.Tensor, sources: Sequence[Source], *, scale: float | None = None, backend: str | None = None
+    q: torch.Tensor,
+    sources: Sequence[Source],
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+    backward: str = "triton",
 ) -> torch.Tensor:
     """Attention of ``q`` over several key/value segments, as if concatenated along the sequence.
 
@@ -251,18 +292,23 @@ def multi_source_attention(
         scale: the softmax scale, ``1/sqrt(D)`` by default.
         backend: ``None``/``"auto"`` (Triton for CUDA tensors, the reference otherwise),
             ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"reference"``.
+        backward: when the forward runs on Triton, how gradients are computed: ``"triton"``
+            (default, the fused flash-attention-2 backward) or ``"reference"`` (recompute through
+            :func:`multi_source_attention_reference`, materializing the scores). Ignored on the
+            reference path, which torch differentiates.
 
     Returns:
         ``B,H,Lq,D`` in ``q``'s dtype; differentiable with respect to ``q``, every key/value and
         tensor blend weights.
     """
+    _check(backward in ("triton", "reference"), f"backward must be 'triton' or 'reference', got {backward!r}")
     if not _use_triton(q, backend):
         return multi_source_attention_reference(q, sources, scale=scale)
     _check(q.dtype in (torch.float32, torch.float16, torch.bfloat16), f"the Triton kernel takes float32/float16/bfloat16, got {q.dtype}")
     segments = _normalize_sources(q, sources)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     kinds, flat = _flatten(segments)
-    return _MultiSourceAttentionFunction.apply(scale, kinds, q, *flat)
+    return _MultiSourceAttentionFunction.apply(scale, kinds, backward, q, *flat)
 
 
 class MultiSourceAttnProcessor:
@@ -280,10 +326,13 @@ class MultiSourceAttnProcessor:
 
     Args:
         backend: passed to :func:`multi_source_attention` (``None`` = by device).
+        backward: passed to :func:`multi_source_attention` (``"triton"``: the fused backward;
+            ``"reference"``: recompute through the reference).
     """
 
-    def __init__(self, backend: str | None = None) -> None:
+    def __init__(self, backend: str | None = None, backward: str = "triton") -> None:
         self.backend = backend
+        self.backward = backward
         self.extra_states: list[torch.Tensor | BlendedStates] = []
         self.extra_kv: list[KV | BlendedKV] = []
 
@@ -365,7 +414,9 @@ class MultiSourceAttnProcessor:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
         else:
             extra = [self._match_dtype(s, query.dtype) for s in extra]
-            hidden_states = multi_source_attention(query, [KV(key, value), *extra], scale=attn.scale, backend=self.backend)
+            hidden_states = multi_source_attention(
+                query, [KV(key, value), *extra], scale=attn.scale, backend=self.backend, backward=self.backward
+            )
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)

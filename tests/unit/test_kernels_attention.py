@@ -1,6 +1,6 @@
 """multi_source_attention: reference semantics, dispatch, autograd and the diffusers processor.
 
-The Triton kernel itself is tested under the interpreter in test_kernels_attention_triton.py.
+The Triton kernels (forward and backward) are tested under the interpreter in test_kernels_triton.py.
 """
 
 from __future__ import annotations
@@ -72,6 +72,15 @@ def test_batch_one_segment_broadcasts_and_empty_segment_is_skipped() -> None:
 def test_invalid_sources_raise(sources: list, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         multi_source_attention(torch.zeros(1, 2, 3, 8), sources)
+
+
+def test_backward_option_is_validated_and_ignored_on_the_reference_path() -> None:
+    q = _rand(1, 2, 3, 8, seed=1).requires_grad_()
+    k, v = _rand(1, 2, 4, 8, seed=2), _rand(1, 2, 4, 8, seed=3)
+    with pytest.raises(ValueError, match="backward must be"):
+        multi_source_attention(q, [(k, v)], backward="fused")
+    grads = [torch.autograd.grad(multi_source_attention(q, [(k, v)], backward=b).sum(), q)[0] for b in ("triton", "reference")]
+    torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
 
 
 def test_dispatch_cpu_uses_reference(monkeypatch: pytest.MonkeyPatch) -> None:

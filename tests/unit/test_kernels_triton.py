@@ -7,8 +7,10 @@ with that variable set (``test_kernels_under_triton_interpreter``); in the paren
 kernel cases are skipped, in the child they run. Shapes are tiny and odd (sequence lengths not multiples of the block, head dims 40/80) since
 the interpreter is slow.
 
-Tolerances: attention is accepted when its max error against a float64 reference is at most
-2x torch's own error at the same precision (the reference run in that dtype) plus 1e-6;
+Tolerances: attention (forward, and the gradients of the fused Triton backward for q, every
+key/value, blended a/b and the blend weight) is accepted when its max error against a float64
+reference is at most 2x torch's own error at the same precision (the reference run in that
+dtype) plus 1e-6; float32 gradients also within 1e-5 abs / 1e-4 rel of torch's float32 ones;
 patch statistics and paste-back within float32 rounding of the reference (1e-5 / 1e-4 abs),
 half-precision patch statistics within two ulps of the result.
 """
@@ -89,21 +91,79 @@ def test_attention_kernel_single_segment_and_scale() -> None:
     torch.testing.assert_close(out, multi_source_attention_reference(q, [(k, v)], scale=0.05), atol=2e-6, rtol=1e-5)
 
 
+def _gradient_case(
+    dtype: torch.dtype, head_dim: int, backend: str, backward: str = "triton", rounded_to: torch.dtype | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of ``q``, the own k/v, the broadcast (batch-1, strided) k/v, the blended
+    k_a/v_a/k_b/v_b and the ``B`` blend weight; inputs and output gradient are rounded to
+    ``rounded_to`` (default ``dtype``) and then converted to ``dtype``."""
+    b, h = 2, 2
+    rounded_to = dtype if rounded_to is None else rounded_to
+    q = _randn(b, h, 13, head_dim, seed=5, dtype=rounded_to)
+    sources = _sources(b, h, head_dim, rounded_to, seed=20)
+    own, ref, blended = _to(sources, dtype)
+    leaves = [q.to(dtype), own.k, own.v, ref.k, ref.v, blended.k_a, blended.v_a, blended.k_b, blended.v_b]
+    leaves = [t.detach().requires_grad_() for t in leaves] + [torch.tensor([0.3, 1.4], requires_grad=True)]
+    q_, k0, v0, k1, v1, ka, va, kb, vb, weight = leaves
+    segments = [KV(k0, v0), KV(k1, v1), BlendedKV(ka, va, kb, vb, weight)]
+    out = multi_source_attention(q_, segments, backend=backend, backward=backward)
+    grad_out = _randn(b, h, 13, head_dim, seed=6, dtype=rounded_to).to(dtype)
+    return torch.autograd.grad(out, leaves, grad_out)
+
+
+GRAD_NAMES = ("q", "k", "v", "k_broadcast", "v_broadcast", "k_a", "v_a", "k_b", "v_b", "weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [40, 80])
 @kernel_case
-def test_attention_kernel_gradients_match_reference() -> None:
-    q = _randn(2, 2, 13, 40, seed=5).requires_grad_()
-    sources = _sources(2, 2, 40, torch.float32, seed=20)
-    weight = torch.tensor([0.3, 1.4], requires_grad=True)
-    blended = sources[2]
-    sources[2] = BlendedKV(blended.k_a, blended.v_a, blended.k_b, blended.v_b, weight)
-    leaves = [q, weight] + [t.requires_grad_() for s in sources[:1] for t in (s.k, s.v)] + [sources[2].k_a.requires_grad_()]
-    grad_out = _randn(2, 2, 13, 40, seed=6)
-    grads = {}
+def test_attention_triton_backward_gradients(dtype: torch.dtype, head_dim: int) -> None:
+    """The fused Triton backward against a float64 reference: float32 within 1e-5 abs / 1e-4
+    rel of torch's own float32 gradients; float16/bfloat16 within 2x torch's own error at that
+    precision (+1e-6), for every gradient including the blend weight and the broadcast segment."""
+    exact = _gradient_case(torch.float64, head_dim, backend="reference", rounded_to=dtype)
+    kernel = _gradient_case(dtype, head_dim, backend="triton")
+    torch_grads = _gradient_case(dtype, head_dim, backend="reference")
+    for name, g_kernel, g_torch, g_exact in zip(GRAD_NAMES, kernel, torch_grads, exact):
+        assert g_kernel.shape == g_exact.shape and g_kernel.dtype == g_torch.dtype, name
+        if dtype == torch.float32:
+            torch.testing.assert_close(g_kernel, g_torch, atol=1e-5, rtol=1e-4, msg=name)
+        torch_error = (g_torch.double() - g_exact).abs().max().item()
+        kernel_error = (g_kernel.double() - g_exact).abs().max().item()
+        assert kernel_error <= 2 * torch_error + 1e-6, (name, kernel_error, torch_error)
+
+
+@kernel_case
+def test_attention_backward_default_is_triton_and_reference_stays_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import anonloader.kernels._triton_attention as kernels
+
+    calls = []
+    fused = kernels.attention_backward
+    monkeypatch.setattr(kernels, "attention_backward", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    default = _gradient_case(torch.float32, 40, backend="triton")
+    assert len(calls) == 1
+    recomputed = _gradient_case(torch.float32, 40, backend="triton", backward="reference")
+    assert len(calls) == 1
+    for name, g_fused, g_ref in zip(GRAD_NAMES, default, recomputed):
+        torch.testing.assert_close(g_fused, g_ref, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@kernel_case
+def test_attention_triton_backward_partial_grads_and_float_weight() -> None:
+    """Only some inputs need gradients (q frozen, one segment frozen); a float blend weight."""
+    q = _randn(1, 2, 9, 24, seed=30)
+    k0, v0 = _randn(1, 2, 7, 24, seed=31), _randn(1, 2, 7, 24, seed=32)
+    ka, va, kb, vb = (_randn(1, 2, 11, 24, seed=33 + i).requires_grad_() for i in range(4))
+    grad_out = _randn(1, 2, 9, 24, seed=40)
+    grads = []
     for backend in ("triton", "reference"):
-        out = multi_source_attention(q, sources, backend=backend)
-        grads[backend] = torch.autograd.grad(out, leaves, grad_out)
-    for g_kernel, g_ref in zip(grads["triton"], grads["reference"]):
+        out = multi_source_attention(q, [KV(k0, v0), BlendedKV(ka, va, kb, vb, 0.7)], scale=0.3, backend=backend)
+        grads.append(torch.autograd.grad(out, [ka, va, kb, vb], grad_out))
+    for g_kernel, g_ref in zip(*grads):
         torch.testing.assert_close(g_kernel, g_ref, atol=1e-5, rtol=1e-4)
+    # no queries at all: zero gradients of the right shapes
+    out = multi_source_attention(q[:, :, :0].requires_grad_(), [BlendedKV(ka, va, kb, vb, 0.7)], backend="triton")
+    assert all(torch.equal(g, torch.zeros_like(t)) for g, t in zip(torch.autograd.grad(out.sum(), [ka, vb]), [ka, vb]))
 
 
 @pytest.mark.parametrize(
