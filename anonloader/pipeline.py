@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from anonloader import __version__
 from anonloader.align import align_faces, estimate_affine
 from anonloader.detect.base import Detector
-from anonloader.errors import AnonloaderError, AnonymizationFailed, ConfigError, UnsupportedImageError
+from anonloader.errors import AnonymizationFailed, ConfigError, UnsupportedImageError
 from anonloader.fingerprint import CACHE_FORMAT_VERSION, fingerprint_of
 from anonloader.identity.base import IdentityAssigner
 from anonloader.methods import Method, get_method
@@ -40,7 +40,7 @@ OnError = Literal["obscure", "drop", "raise"]
 OnNoFace = Literal["keep", "drop", "obscure"]
 _SEED_MASK = (1 << 63) - 1
 #: what :attr:`Anonymizer.counters` counts
-COUNTERS = ("images", "faces", "anonymized", "failed", "dropped", "obscured")
+COUNTERS = ("images", "faces", "anonymized", "failed", "dropped", "obscured", "detector_errors")
 
 
 def _new_counters() -> Counter[str]:
@@ -179,6 +179,7 @@ class Anonymizer:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.counters: Counter[str] = _new_counters()
+        self._logged_causes: set[str] = set()
 
     # -- settings ---------------------------------------------------------------------------
     @property
@@ -246,6 +247,7 @@ class Anonymizer:
                 errors[i] = str(error)
 
         found = self._detect(checked, detections, errors)
+        self._check_detections(found, errors)
         records: list[list[FaceRecord]] = [[] for _ in range(n)]
         outputs: list[torch.Tensor | None] = list(checked)
         ok = [i for i in range(n) if errors[i] is None and len(found[i]) > 0]
@@ -271,20 +273,49 @@ class Anonymizer:
             return found
         try:
             results = self.detector([images[i] for i in todo])
-        except AnonloaderError:
-            results = None
-        except Exception:  # noqa: BLE001 - isolate the failing image below
+        except Exception as error:  # noqa: BLE001 - isolate the failing image below
+            self._log_detector_error(error, todo)
             results = None
         if results is None:  # retry one by one so one bad image does not fail the batch
             for i in todo:
                 try:
                     found[i] = self.detector([images[i]])[0]
                 except Exception as error:  # noqa: BLE001 - recorded, then fail closed
+                    self._log_detector_error(error, [i])
+                    self.counters["detector_errors"] += 1
                     errors[i] = f"image {i}: detection failed: {type(error).__name__}: {error}"
             return found
         for i, faces in zip(todo, results, strict=True):
             found[i] = faces
         return found
+
+    @staticmethod
+    def _check_detections(found: list[Detections], errors: list[str | None]) -> None:
+        """Non-finite boxes or landmarks (a custom detector, NaN annotations) fail their image closed."""
+        for i, faces in enumerate(found):
+            if errors[i] is None and len(faces) and not all(
+                bool(torch.isfinite(t).all()) for t in (faces.boxes, faces.landmarks)
+            ):
+                errors[i] = (
+                    f"image {i}: the detector or annotations gave non-finite boxes or landmarks; "
+                    "fix the annotations or the custom detector"
+                )
+
+    def _log_detector_error(self, error: BaseException, indices: list[int]) -> None:
+        """A warning with the cause, once per distinct cause (a broken detector is not silent)."""
+        cause = f"{type(error).__name__}: {error}"
+        if cause in self._logged_causes:
+            return
+        self._logged_causes.add(cause)
+        detector = getattr(self.detector, "name", type(self.detector).__name__)
+        logger.warning(
+            "detector %r failed on images %s (%s); images it cannot detect fail closed (on_error=%r). "
+            "Check the detector's model files and inputs; this message is shown once per cause.",
+            detector,
+            indices,
+            cause,
+            self.on_error,
+        )
 
     def _anonymize_faces(
         self,
@@ -334,6 +365,13 @@ class Anonymizer:
             return
         face_cursor = 0
         for slot, i in enumerate(ok):
+            if not bool(torch.isfinite(pasted[slot]).all()):  # e.g. NaN landmarks from a custom detector
+                errors[i] = (
+                    f"image {i}: paste-back produced non-finite pixels (check the detector's or "
+                    "annotations' boxes and landmarks for NaN/inf)"
+                )
+                face_cursor += len(found[i])
+                continue
             outputs[i] = pasted[slot].to(images[i].device)  # type: ignore[union-attr]
             for f in range(len(found[i])):
                 records[i].append(_face_record(found[i], f, "anonymized", synthetic_id=conditions.synthetic_ids[face_cursor]))
@@ -441,4 +479,5 @@ class Anonymizer:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["counters"] = _new_counters()
+        state["_logged_causes"] = set()
         return state
