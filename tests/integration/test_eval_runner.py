@@ -13,6 +13,7 @@ pytest.importorskip("dlib")
 from anonloader.assets import sample_photo  # noqa: E402
 from anonloader.eval.commands import register  # noqa: E402
 from anonloader.eval.runner import evaluate_pairs, format_table  # noqa: E402
+from anonloader.pipeline import Anonymizer  # noqa: E402
 
 
 def _tensor(name: str) -> torch.Tensor:
@@ -33,13 +34,12 @@ def test_identity_method_is_fully_reidentified_and_mask_protects(images, tmp_pat
     same = evaluate_pairs(images, [i.clone() for i in images], faces=faces, detector=detector, name="identity")
     assert same["reidentification_rate"] == 1.0 and same["protection_success_rate"] == 0.0
     assert same["leaks"] == 2 and same["detection_recall"] == 1.0 and same["landmark_displacement"] == 0.0
-    masked = []
-    for image, f in zip(images, faces):
-        out = image.clone()
-        x1, y1, x2, y2 = [max(0, int(v)) for v in f.boxes[0]]
-        out[:, y1:y2, x1:x2] = 0.5
-        masked.append(out)
-    hidden = evaluate_pairs(images, masked, faces=faces, detector=detector, name="box-mask")
+    # The product's mask method, not a hand-drawn grey box over MTCNN's tight box: that box leaves
+    # forehead, hair and ears, which dlib's 0.25-padded chip still sees (cosine 0.923 against a
+    # 0.917 threshold on the astronaut, the same with dlib 19.24.6 and 20.0.1) — a claim that
+    # held only by chance of box rounding.
+    masked = Anonymizer("mask", detector=detector)(images, detections=faces).images
+    hidden = evaluate_pairs(images, masked, faces=faces, detector=detector, name="mask")
     assert hidden["leaks"] == 0 and hidden["protection_success_rate"] == 1.0
     assert "identity" in format_table([same, hidden])
 
