@@ -13,6 +13,7 @@ pytest.importorskip("diffusers")
 
 from anonloader.errors import ModelLoadError  # noqa: E402
 from anonloader.methods.fams import FAMS, build_tiny_components  # noqa: E402
+from anonloader.methods.fams.weights import CPU_ALIGNMENT, own_aligned_memory  # noqa: E402
 from anonloader.types import FaceConditions  # noqa: E402
 
 # The keys of stabilityai/stable-diffusion-2-1's unet/config.json (the released FAMS networks
@@ -92,6 +93,11 @@ def test_released_layout_loads_offline_and_matches_the_networks(tmp_path, crops)
         theirs = loaded.components.networks()[name].state_dict()
         for key, value in network.state_dict().items():
             assert torch.equal(theirs[key], value), f"{name}.{key}"
+    # diffusers/transformers hand out tensors inside the memory-mapped files (8-byte aligned);
+    # MKL sums misaligned data in another order, so the loader moves them to aligned memory
+    for name, network in loaded.components.networks().items():
+        for tensor in [*network.parameters(), *network.buffers()]:
+            assert tensor.data_ptr() % CPU_ALIGNMENT == 0, name
     reference = FAMS.from_components(components, crop_size=16, resolution=16, num_inference_steps=2)
     assert torch.equal(loaded(crops, _conditions(2)), reference(crops, _conditions(2)))
     config = loaded.config()
@@ -121,3 +127,19 @@ def test_missing_hub_weights_never_download_unless_allowed(tmp_path):
     lazy = FAMS("hkung/face-anon-simple", cache_dir=tmp_path)  # construction touches nothing
     with pytest.raises(ModelLoadError):
         lazy.config()
+
+
+def test_own_aligned_memory_moves_only_misaligned_tensors_and_keeps_values():
+    linear = torch.nn.Linear(32, 32)
+    linear.register_buffer("scale", torch.arange(8.0))
+    storage = torch.empty(32 * 32 + 1)  # one float in: 4 bytes off PyTorch's 64-byte alignment
+    misaligned = storage[1:].view(32, 32)
+    misaligned.copy_(linear.weight.detach())
+    expected_weight = linear.weight.detach().clone()
+    linear.weight.data = misaligned
+    bias_pointer = linear.bias.data_ptr()
+    assert linear.weight.data_ptr() % CPU_ALIGNMENT != 0
+    own_aligned_memory(linear)
+    assert linear.weight.data_ptr() % CPU_ALIGNMENT == 0 and torch.equal(linear.weight, expected_weight)
+    assert linear.bias.data_ptr() == bias_pointer  # already aligned: untouched, not copied
+    assert torch.equal(linear.scale, torch.arange(8.0)) and isinstance(linear.weight, torch.nn.Parameter)
