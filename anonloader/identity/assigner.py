@@ -44,7 +44,7 @@ from anonloader.identity.keys import (
     face_content_hash,
     label_key,
 )
-from anonloader.identity.mapper import KeyedMapper
+from anonloader.identity.mapper import MAPPING_PURPOSE, REGISTRY_PURPOSE, KeyedMapper, SubKey, resolve_secret
 
 __all__ = ["STRATEGIES", "KeyedIdentityAssigner"]
 
@@ -99,17 +99,29 @@ class KeyedIdentityAssigner:
         if feature_fn is not None and candidate_pool is None:
             raise ConfigError("feature_fn ranks the bank by nearness; give candidate_pool=K (how many nearest identities to choose among)")
         self.feature_fn = feature_fn
-        self.mapper = KeyedMapper(secret, bank, embedder=embedder, store=store, secret_file=secret_file, candidate_pool=candidate_pool)
+        # the raw secret stays in this frame: the mapper and the registry keep derived keys only,
+        # so pickling the assigner (DataLoader workers, Ray) never carries the secret
+        root = resolve_secret(secret, secret_file) if not isinstance(secret, SubKey) else None
+        mapping_key = secret if root is None else root.derive(MAPPING_PURPOSE)
+        self.mapper = KeyedMapper(mapping_key, bank, embedder=embedder, store=store, candidate_pool=candidate_pool)
         self.key_fn = key_fn
         self.clusters: ClusterResult | None = None
         self.registry = (
-            IdentityRegistry(registry_path, self.mapper.secret, self.threshold, store_embeddings=store_embeddings)
+            IdentityRegistry(registry_path, self._registry_key(root), self.threshold, store_embeddings=store_embeddings)
             if strategy in ("cluster", "online")
             else None
         )
         self._trackers: dict[str, FaceTracker] = {}
         self._assigned: dict[str, IdentityAssignment] = {}
         self._embedding_cache: dict[str, torch.Tensor] = {}
+
+    def _registry_key(self, root: Any) -> SubKey:
+        if root is None:
+            raise ConfigError(
+                f"the {self.strategy!r} strategy keeps an online registry, which needs its own derived key: "
+                "pass the secret itself (secret=..., secret_file=... or $ANONLOADER_SECRET), not a SubKey"
+            )
+        return root.derive(REGISTRY_PURPOSE)
 
     @property
     def crop_size(self) -> int | None:

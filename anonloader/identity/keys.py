@@ -234,10 +234,10 @@ class IdentityRegistry:
     def __init__(
         self, path: str | os.PathLike[str] | None, secret: Any, threshold: float, *, store_embeddings: bool = False
     ) -> None:
-        from anonloader.identity.mapper import resolve_secret
+        from anonloader.identity.mapper import REGISTRY_PURPOSE, resolve_key
 
         self.path = Path(path) if path is not None else None
-        self.secret = resolve_secret(secret)
+        self.key = resolve_key(secret, REGISTRY_PURPOSE)
         self.threshold = float(threshold)
         self.store_embeddings = bool(store_embeddings)
         self.keys: list[str] = []
@@ -247,7 +247,7 @@ class IdentityRegistry:
             self._load()
 
     def _digest(self, key: str) -> str:
-        return self.secret.digest(b"anonloader/registry/v1\0" + key.encode()).hex()
+        return self.key.digest(b"anonloader/registry/v1\0" + key.encode()).hex()
 
     def key_of(self, embeddings: torch.Tensor, content_hashes: Sequence[str]) -> list[str]:
         """Keys of ``F,D`` L2-normalised embeddings, in order (registers new identities)."""
@@ -283,8 +283,8 @@ class IdentityRegistry:
             raise ConfigError("IdentityRegistry.save needs a path")
         state: dict[str, Any] = {
             "format": "anonloader-identity-registry",
-            "version": 1,
-            "check": self.secret.check_value(),
+            "version": 2,
+            "check": self.key.check_value(),
             "threshold": self.threshold,
             "digests": self.digests,
             "store_embeddings": self.store_embeddings,
@@ -304,7 +304,12 @@ class IdentityRegistry:
         state = json.loads(self.path.read_text())
         if state.get("format") != "anonloader-identity-registry":
             raise IdentityError(f"{self.path} is not an anonloader identity registry")
-        if state.get("check") != self.secret.check_value():
+        if state.get("version") != 2:
+            raise IdentityError(
+                f"the identity registry {self.path} has format version {state.get('version')}; this anonloader "
+                "reads version 2 (digests under the derived registry key) and cannot convert it: use a new registry path"
+            )
+        if state.get("check") != self.key.check_value():
             raise SecretError(f"the secret does not match the identity registry {self.path}; use the secret it was written with")
         self.digests = list(state["digests"])
         if state.get("store_embeddings") and "embeddings" in state:

@@ -1,10 +1,13 @@
 """The keyed, stable real-to-synthetic identity mapping.
 
-``digest = HMAC-SHA256(secret, "anonloader/key/v1\\0" + key)`` turns a real-identity key (a
-dataset label, a track id, a cluster's canonical content hash) into a keyed digest that nobody
-without the secret can link back to the key. From the digest:
+Every keyed operation below uses the *mapping key*
+``K = HMAC-SHA256(secret, "anonloader/subkey/v1\\0identity-mapping")`` (:meth:`Secret.derive`),
+never the secret itself: the mapper (and so every DataLoader worker or Ray actor it is pickled
+into) holds only ``K``. ``digest = HMAC-SHA256(K, "anonloader/key/v1\\0" + key)`` turns a
+real-identity key (a dataset label, a track id, a cluster's canonical content hash) into a keyed
+digest that nobody without the secret can link back to the key. From the digest:
 
-- the candidate order over the bank: ``c_j = int(HMAC-SHA256(secret, digest || j)) mod N`` for
+- the candidate order over the bank: ``c_j = int(HMAC-SHA256(K, digest || j)) mod N`` for
   ``j = 0, 1, ...`` (repeats skipped, then the remaining ids in ascending order), a pure function
   of (secret, key, bank size) — the same on every process and machine;
 - the generation seed: the first 63 bits of ``SHA-256("anonloader/seed/v1" || digest)``.
@@ -23,7 +26,7 @@ so that non-identity attributes fit, yet not the same person). With ``candidate_
 real face's attribute-space feature (``real_feature``; the bank holds the same space in
 ``bank.features``, or a ``ranker`` orders the bank), the candidates are first the ``K`` bank
 identities nearest to that feature, taken in a keyed order among themselves — ascending
-``HMAC-SHA256(secret, "anonloader/pool/v1" || digest || id)`` (rendezvous hashing: the order of
+``HMAC-SHA256(K, "anonloader/pool/v1" || digest || id)`` (rendezvous hashing: the order of
 two members does not depend on the ranking, so a small change of the feature that keeps the
 winner in the pool keeps the choice) — then, when every pool member is within the recognizer
 threshold or taken, the global keyed order above. The threshold and distinctness rules are the
@@ -41,8 +44,10 @@ feature per key (e.g. a cluster's mean, as :meth:`KeyedIdentityAssigner.fit
 machines. Features are used only for ranking and never stored.
 
 The table persists as JSON with only keyed digests, synthetic ids, the bank fingerprint and a
-keyed check value ``HMAC(secret, "anonloader/check/v1")``: loading it with another secret
-raises :class:`~anonloader.errors.SecretError` instead of silently mapping differently.
+keyed check value ``HMAC(K, "anonloader/check/v1")``: loading it with another secret
+raises :class:`~anonloader.errors.SecretError` instead of silently mapping differently. Stores of
+format version 1 (digests under the raw secret, before the mapping key existed) cannot be
+converted (they hold no keys) and are refused with an :class:`~anonloader.errors.IdentityError`.
 """
 
 from __future__ import annotations
@@ -63,10 +68,14 @@ from anonloader.errors import ConfigError, IdentityError, SecretError
 from anonloader.identity.base import IdentityAssignment
 
 __all__ = [
+    "MAPPING_PURPOSE",
+    "REGISTRY_PURPOSE",
     "SECRET_ENV",
     "SECRET_FILE_ENV",
     "KeyedMapper",
     "Secret",
+    "SubKey",
+    "resolve_key",
     "resolve_secret",
     "seed_from_digest",
 ]
@@ -74,11 +83,22 @@ __all__ = [
 SECRET_ENV = "ANONLOADER_SECRET"
 SECRET_FILE_ENV = "ANONLOADER_SECRET_FILE"
 _STORE_FORMAT = "anonloader-identity-map"
-_STORE_VERSION = 1
+_STORE_VERSION = 2  # 2: digests under the derived mapping key (1: under the raw secret)
+_SUBKEY_CONTEXT = b"anonloader/subkey/v1\0"
+#: purpose of the key that turns identity keys into digests, candidate orders and pools
+MAPPING_PURPOSE = "identity-mapping"
+#: purpose of the online registry's key
+REGISTRY_PURPOSE = "identity-registry"
 
 
 class Secret:
-    """The user's mapping secret. Its ``repr`` never shows the value; it does not pickle into logs."""
+    """The user's mapping secret, held only by the process that resolved it.
+
+    Its ``repr`` never shows the value and it never pickles: DataLoader workers, Ray actors and
+    anything else that receives a pickle get purpose-bound :class:`SubKey` objects from
+    :meth:`derive` instead (the identity mapping key, the registry key), which can compute
+    exactly the keyed digests of their purpose and cannot be turned back into the secret.
+    """
 
     __slots__ = ("_value",)
 
@@ -87,8 +107,19 @@ class Secret:
             raise SecretError("the identity mapping secret is empty; set a random value of at least 16 bytes")
         self._value = bytes(value)
 
+    def derive(self, purpose: str) -> SubKey:
+        """The subkey for ``purpose``: ``HMAC-SHA256(secret, "anonloader/subkey/v1\\0" + purpose)``.
+
+        A pure function of (secret, purpose), so every process and machine derives the same one;
+        subkeys of different purposes are independent (knowing one reveals neither the secret
+        nor another purpose's subkey).
+        """
+        if not isinstance(purpose, str) or not purpose:
+            raise ConfigError(f"a subkey purpose is a non-empty string, got {purpose!r}")
+        return SubKey(purpose, hmac.new(self._value, _SUBKEY_CONTEXT + purpose.encode("utf-8"), hashlib.sha256).digest())
+
     def digest(self, message: bytes) -> bytes:
-        """HMAC-SHA256 of ``message`` under the secret."""
+        """HMAC-SHA256 of ``message`` under the secret (in this process only; see :meth:`derive`)."""
         return hmac.new(self._value, message, hashlib.sha256).digest()
 
     def check_value(self) -> str:
@@ -104,11 +135,68 @@ class Secret:
     def __hash__(self) -> int:
         return hash(self.check_value())
 
-    def __getstate__(self) -> bytes:
-        return self._value
+    def __reduce__(self) -> Any:
+        raise SecretError(
+            "the raw secret never leaves the process that read it, so a Secret cannot be pickled; "
+            "pass a derived key instead (secret.derive(purpose)), as KeyedMapper and IdentityRegistry do"
+        )
 
-    def __setstate__(self, state: bytes) -> None:
-        self._value = state
+
+class SubKey:
+    """A purpose-bound key derived from a :class:`Secret` (:meth:`Secret.derive`).
+
+    It computes ``HMAC-SHA256(subkey, message)`` for its purpose and pickles as (purpose,
+    subkey): what worker processes and Ray actors receive instead of the secret.
+
+    Attributes:
+        purpose: what it was derived for (e.g. :data:`MAPPING_PURPOSE`).
+    """
+
+    __slots__ = ("_key", "purpose")
+
+    def __init__(self, purpose: str, key: bytes) -> None:
+        if len(key) != 32:
+            raise SecretError(f"a derived key has 32 bytes, got {len(key)}")
+        self.purpose = str(purpose)
+        self._key = bytes(key)
+
+    def digest(self, message: bytes) -> bytes:
+        """HMAC-SHA256 of ``message`` under this subkey (32 bytes)."""
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def check_value(self) -> str:
+        """A keyed check value of this subkey (HMAC of a constant, 32 hex): tells a wrong secret
+        apart without revealing the subkey or the secret."""
+        return self.digest(b"anonloader/check/v1").hex()[:32]
+
+    def require(self, purpose: str) -> SubKey:
+        """This key when it was derived for ``purpose``; :class:`SecretError` otherwise."""
+        if self.purpose != purpose:
+            raise SecretError(f"a key derived for {self.purpose!r} was given where one for {purpose!r} is needed; pass the secret itself")
+        return self
+
+    def __repr__(self) -> str:
+        return f"SubKey({self.purpose!r}, ***)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SubKey) and self.purpose == other.purpose and hmac.compare_digest(self._key, other._key)
+
+    def __hash__(self) -> int:
+        return hash((self.purpose, self.check_value()))
+
+    def __getstate__(self) -> tuple[str, bytes]:
+        return (self.purpose, self._key)
+
+    def __setstate__(self, state: tuple[str, bytes]) -> None:
+        self.purpose, self._key = state
+
+
+def resolve_key(secret: str | bytes | Secret | SubKey | None, purpose: str, secret_file: str | os.PathLike[str] | None = None) -> SubKey:
+    """The ``purpose`` subkey of the secret from :func:`resolve_secret` (a :class:`SubKey` of that
+    purpose is used as it is, so objects rebuilt in a worker never need the raw secret)."""
+    if isinstance(secret, SubKey):
+        return secret.require(purpose)
+    return resolve_secret(secret, secret_file).derive(purpose)
 
 
 def resolve_secret(secret: str | bytes | Secret | None = None, secret_file: str | os.PathLike[str] | None = None) -> Secret:
@@ -180,7 +268,7 @@ class KeyedMapper:
         candidate_pool: int | None = None,
         ranker: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        self.secret = resolve_secret(secret, secret_file)
+        self.key = resolve_key(secret, MAPPING_PURPOSE, secret_file)
         self.bank = bank
         self.embedder = embedder
         if threshold is None:
@@ -223,7 +311,7 @@ class KeyedMapper:
         """Keyed hex digest of a real-identity key."""
         if not isinstance(key, str):
             raise ConfigError(f"identity keys are strings, got {type(key).__name__}")
-        return self.secret.digest(b"anonloader/key/v1\0" + key.encode("utf-8")).hex()
+        return self.key.digest(b"anonloader/key/v1\0" + key.encode("utf-8")).hex()
 
     def candidates(self, digest: str) -> Iterator[int]:
         """The candidate order over the bank for a keyed digest (each id once, lazily)."""
@@ -231,7 +319,7 @@ class KeyedMapper:
         seen: set[int] = set()
         raw = bytes.fromhex(digest)
         for j in range(4 * n):
-            value = int.from_bytes(self.secret.digest(b"anonloader/candidate/v1" + raw + j.to_bytes(4, "big")), "big") % n
+            value = int.from_bytes(self.key.digest(b"anonloader/candidate/v1" + raw + j.to_bytes(4, "big")), "big") % n
             if value not in seen:
                 seen.add(value)
                 yield value
@@ -278,7 +366,7 @@ class KeyedMapper:
                 if len(members) == self.candidate_pool:
                     break
         raw = bytes.fromhex(digest)
-        return sorted(members, key=lambda i: (self.secret.digest(b"anonloader/pool/v1" + raw + i.to_bytes(4, "big")), i))
+        return sorted(members, key=lambda i: (self.key.digest(b"anonloader/pool/v1" + raw + i.to_bytes(4, "big")), i))
 
     def _candidate_order(self, digest: str, real_feature: torch.Tensor | None) -> Iterator[int]:
         if self.candidate_pool is None or real_feature is None:
@@ -375,7 +463,7 @@ class KeyedMapper:
         state = {
             "format": _STORE_FORMAT,
             "version": _STORE_VERSION,
-            "check": self.secret.check_value(),
+            "check": self.key.check_value(),
             "bank": self.bank_fingerprint(),
             "threshold": self.threshold,
             "margin": self.margin,
@@ -404,7 +492,13 @@ class KeyedMapper:
             raise IdentityError(f"cannot read the identity mapping store {self.store}: {error}") from error
         if state.get("format") != _STORE_FORMAT:
             raise IdentityError(f"{self.store} is not an anonloader identity mapping store")
-        if not hmac.compare_digest(str(state.get("check", "")), self.secret.check_value()):
+        if state.get("version") != _STORE_VERSION:
+            raise IdentityError(
+                f"the identity mapping store {self.store} has format version {state.get('version')} and this "
+                f"anonloader reads version {_STORE_VERSION} (digests under the derived mapping key); its digests "
+                "cannot be converted, so start a new mapping with a new store path"
+            )
+        if not hmac.compare_digest(str(state.get("check", "")), self.key.check_value()):
             raise SecretError(
                 f"the secret does not match the identity mapping store {self.store}: it was written "
                 f"with another secret. Use the original secret ({SECRET_ENV} or secret_file), or a "
@@ -423,7 +517,7 @@ class KeyedMapper:
     def config(self) -> dict[str, Any]:
         """Settings that change assignments — the secret only as its keyed check value."""
         config: dict[str, Any] = {
-            "check": self.secret.check_value(),
+            "check": self.key.check_value(),
             "bank": self.bank_fingerprint(),
             "threshold": self.threshold,
             "margin": self.margin,
