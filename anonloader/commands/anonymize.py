@@ -53,8 +53,8 @@ class ImageFiles(torch.utils.data.Dataset):
     """The images under a folder, each anonymized and re-encoded in its own format (run in
     DataLoader workers): ``{"name", "data" (bytes or None), "records", "error", "status", "thumbs"}``."""
 
-    def __init__(self, root: Path, stage: Any, *, thumbnails: bool) -> None:
-        self.root, self.stage, self.thumbnails = root, stage, thumbnails
+    def __init__(self, root: Path, stage: Any, *, thumbnails: bool, originals: bool = False) -> None:
+        self.root, self.stage, self.thumbnails, self.originals = root, stage, thumbnails, originals
         self.files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
             raise ConfigError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
@@ -92,7 +92,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
             boxes = [r.box for r in processed.records]
             after = None if processed.image is None else thumbnail(processed.image, boxes, statuses)
-            thumbs = (thumbnail(images[0].tensor, boxes, statuses), after)
+            thumbs = (thumbnail(images[0].tensor, boxes, statuses, hide_faces=not self.originals), after)
         records = [r.to_dict() for r in processed.records]
         return {"name": name, "data": data, "records": records, "error": processed.error, "status": status, "thumbs": thumbs}
 
@@ -156,7 +156,12 @@ def _run_images(args: argparse.Namespace, anonymizer: Any, rows: list[Any]) -> d
     from anonloader.commands.report import ReportRow
     from anonloader.data.stage import PipelineStage
 
-    dataset = ImageFiles(Path(args.src).expanduser(), PipelineStage(anonymizer), thumbnails=args.report is not None)
+    dataset = ImageFiles(
+        Path(args.src).expanduser(),
+        PipelineStage(anonymizer),
+        thumbnails=args.report is not None,
+        originals=args.report_originals,
+    )
     if args.limit is not None:
         dataset.files = dataset.files[: args.limit]
     dst = Path(args.dst).expanduser()
@@ -224,7 +229,8 @@ def _run_video(args: argparse.Namespace, anonymizer: Any, rows: list[Any]) -> di
                 out_frames.append(shown.mul(255).round().clamp(0, 255).to(torch.uint8))
                 if args.report is not None:
                     boxes, statuses = [r.box for r in recs], [r.status for r in recs]
-                    rows.append(ReportRow(f"frame {start + offset:06d}", len(recs), status, thumbnail(original, boxes, statuses), thumbnail(shown, boxes, statuses), error))
+                    before = thumbnail(original, boxes, statuses, hide_faces=not args.report_originals)
+                    rows.append(ReportRow(f"frame {start + offset:06d}", len(recs), status, before, thumbnail(shown, boxes, statuses), error))
             bar.update(len(part))
     write_video(dst, out_frames, fps)
     return counts
@@ -296,7 +302,7 @@ def run_anonymize(args: argparse.Namespace) -> int:
     if args.report is not None:
         from anonloader.commands.report import write_report
 
-        page = write_report(args.report, rows, summary, title=f"anonloader anonymize {args.src}")
+        page = write_report(args.report, rows, summary, title=f"anonloader anonymize {args.src}", originals=args.report_originals)
         print(f"report: {page}")
     return EXIT_FAILURES if counts["failures"] else EXIT_OK
 
@@ -318,6 +324,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--secret-file", default=None, help="file holding the identity-mapping secret (else $ANONLOADER_SECRET)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (images) / map processes (HF)")
     parser.add_argument("--report", type=Path, default=None, metavar="DIR", help="write DIR/index.html with before/after thumbnails")
+    parser.add_argument("--report-originals", action="store_true",
+                        help="embed unmodified originals in the report (default: original face regions blurred)")
     parser.add_argument("--on-error", choices=("obscure", "drop", "raise"), default="obscure")
     parser.add_argument("--on-no-face", choices=("keep", "drop", "obscure"), default="keep")
     parser.add_argument("--image-column", default="image", help="image column of an HF dataset")

@@ -5,6 +5,10 @@ Content-Security-Policy forbids any other load, so the page opens offline, from 
 archive, and shows exactly what was run: summary figures, then one row per image with the
 original and the anonymized thumbnail side by side (detected boxes drawn: green anonymized,
 red failed), its face count and status, and the list of failures.
+
+A report is a file that gets mailed and archived, so by default it carries no original face:
+the "original" thumbnail shows each detected face region heavily blurred (the box still drawn),
+and only ``anonloader anonymize --report-originals`` embeds unmodified originals.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 __all__ = ["FAILED_STATUSES", "ReportRow", "thumbnail", "write_report"]
 
 THUMB_SIDE = 240
+#: how far a hidden face region reaches beyond its box, as a fraction of the box side (hair, ears)
+HIDE_MARGIN = 0.25
 #: statuses listed as failures (the image did not come out anonymized as it was)
 FAILED_STATUSES = ("obscured", "dropped", "failed", "unreadable")
 
@@ -48,15 +54,33 @@ class ReportRow:
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
 
 
-def thumbnail(image: torch.Tensor, boxes: Sequence[Sequence[float]], statuses: Sequence[str], *, side: int = THUMB_SIDE) -> bytes:
-    """A JPEG thumbnail (longer side ``side``) of ``image`` (``3,H,W`` uint8 or float in [0,1])
-    with ``boxes`` (xyxy px of the full image) drawn: green anonymized, red otherwise."""
+def thumbnail(
+    image: torch.Tensor,
+    boxes: Sequence[Sequence[float]],
+    statuses: Sequence[str],
+    *,
+    side: int = THUMB_SIDE,
+    hide_faces: bool = False,
+) -> bytes:
+    """A JPEG thumbnail (longer side ``side``) of ``image`` with ``boxes`` drawn: green
+    anonymized, red otherwise.
+
+    Args:
+        image: ``3,H,W`` uint8, or float in [0,1].
+        boxes: ``x1, y1, x2, y2`` in pixels of ``image``.
+        statuses: one face status per box.
+        hide_faces: blur each box (grown by :data:`HIDE_MARGIN`) beyond recognition first — for
+            thumbnails of originals, so that a report never carries a real face by default.
+    """
     if image.is_floating_point():
         image = image.mul(255).round().clamp(0, 255).to(torch.uint8)
     picture = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
     scale = side / max(picture.size)
     size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
     picture = picture.resize(size, Image.Resampling.BILINEAR)
+    if hide_faces:
+        for box in boxes:
+            _blur_region(picture, [v * scale for v in box])
     draw = ImageDraw.Draw(picture)
     for box, status in zip(boxes, statuses):
         color = (0, 200, 0) if status == "anonymized" else (230, 0, 0)
@@ -64,6 +88,25 @@ def thumbnail(image: torch.Tensor, boxes: Sequence[Sequence[float]], statuses: S
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=80)
     return buffer.getvalue()
+
+
+def _blur_region(picture: Image.Image, box: Sequence[float]) -> None:
+    """Blurs ``box`` (thumbnail pixels, grown by :data:`HIDE_MARGIN`) in place, radius ~ box side."""
+    x1, y1, x2, y2 = box
+    grow_x, grow_y = (x2 - x1) * HIDE_MARGIN, (y2 - y1) * HIDE_MARGIN
+    region = (
+        max(0, int(x1 - grow_x)),
+        max(0, int(y1 - grow_y)),
+        min(picture.width, int(x2 + grow_x) + 1),
+        min(picture.height, int(y2 + grow_y) + 1),
+    )
+    if region[2] <= region[0] or region[3] <= region[1]:
+        return
+    patch = picture.crop(region)
+    cells = (max(1, patch.width // 8), max(1, patch.height // 8))  # a few cells, then smoothed
+    patch = patch.resize(cells, Image.Resampling.BOX).resize(patch.size, Image.Resampling.BILINEAR)
+    radius = max(2.0, max(patch.size) / 6)
+    picture.paste(patch.filter(ImageFilter.GaussianBlur(radius)), region[:2])
 
 
 def _data_url(jpeg: bytes) -> str:
@@ -106,7 +149,14 @@ _SCRIPT = """
 """
 
 
-def write_report(directory: str | Path, rows: Sequence[ReportRow], summary: dict[str, Any], *, title: str = "anonloader report") -> Path:
+def write_report(
+    directory: str | Path,
+    rows: Sequence[ReportRow],
+    summary: dict[str, Any],
+    *,
+    title: str = "anonloader report",
+    originals: bool = False,
+) -> Path:
     """Writes ``index.html`` into ``directory`` and returns its path.
 
     Args:
@@ -114,6 +164,8 @@ def write_report(directory: str | Path, rows: Sequence[ReportRow], summary: dict
         rows: one :class:`ReportRow` per image.
         summary: figures shown at the top (``images``, ``faces``, ``failures``, ``method``,
             ``fingerprint``, ...); values are shown as text.
+        originals: the rows' ``before`` thumbnails are unmodified originals (only with the
+            user's explicit ``--report-originals``); the column header says which.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -137,6 +189,7 @@ def write_report(directory: str | Path, rows: Sequence[ReportRow], summary: dict
             f"<td class='status'>{esc(row.status)}</td></tr>"
         )
     failures = [f"<li><span class='mono'>{esc(r.name)}</span>: {esc(r.error or r.status)}</li>" for r in rows if r.status in FAILED_STATUSES]
+    original_header = "original (detected faces)" if originals else "original (detected faces blurred)"
     failure_list = f"<ul id='failures'>{''.join(failures)}</ul>" if failures else "<p id='failures'>none</p>"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -150,7 +203,7 @@ def write_report(directory: str | Path, rows: Sequence[ReportRow], summary: dict
 {failure_list}
 <h2>Images</h2>
 <p><label><input type="checkbox" id="only-failures"> show failures only</label> — <span id="rows-shown">{len(rows)}</span> of {len(rows)} rows shown</p>
-<table id="images"><thead><tr><th>image</th><th>original (detected faces)</th><th>anonymized</th><th>faces</th><th>status</th></tr></thead>
+<table id="images"><thead><tr><th>image</th><th>{original_header}</th><th>anonymized</th><th>faces</th><th>status</th></tr></thead>
 <tbody>{''.join(body_rows)}</tbody></table>
 <script>{_SCRIPT}</script>
 </body></html>
