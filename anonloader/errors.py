@@ -2,9 +2,11 @@
 
     AnonloaderError
     ├── ConfigError                 a setting is invalid or inconsistent
-    ├── InputError                  a sample cannot be read as an image
+    ├── InputError                  a sample (or its annotations) cannot be used as it is
     │   ├── ImageDecodeError        corrupt, truncated or non-image bytes
-    │   └── UnsupportedImageError   zero-size, wrong channel count, wrong dtype or range
+    │   ├── ImageTooLargeError      more pixels than PIL's Image.MAX_IMAGE_PIXELS (decompression bomb)
+    │   ├── UnsupportedImageError   zero-size, ambiguous channels, 16-bit, wrong dtype or range
+    │   └── AnnotationError         annotated boxes / landmarks non-finite, outside the image, normalised
     ├── ModelLoadError              weights missing, unreadable, or would need a download
     ├── DetectionError              the detector failed on an image
     ├── AlignmentError              a face could not be warped to a crop
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 __all__ = [
     "AlignmentError",
+    "AnnotationError",
     "AnonloaderError",
     "AnonymizationFailed",
     "CacheCorruptError",
@@ -34,6 +37,7 @@ __all__ = [
     "DetectionError",
     "IdentityError",
     "ImageDecodeError",
+    "ImageTooLargeError",
     "InputError",
     "MethodError",
     "ModelLoadError",
@@ -51,26 +55,45 @@ class ConfigError(AnonloaderError, ValueError):
 
 
 class InputError(AnonloaderError, ValueError):
-    """A sample cannot be used as an image. ``index`` is the sample's position when known."""
+    """A sample cannot be used as it is.
 
-    def __init__(self, message: str, *, index: int | None = None, source: str | None = None):
+    Attributes:
+        index: the sample's position in its dataset, when known.
+        source: the file or shard it came from, when known.
+        field: where in the sample, e.g. ``"['views'][1]"``, when known.
+    """
+
+    def __init__(self, message: str, *, index: int | None = None, source: str | None = None, field: str | None = None):
         where = []
         if index is not None:
             where.append(f"sample {index}")
         if source is not None:
             where.append(str(source))
+        if field:
+            where.append(f"field {field}")
         prefix = f"{' / '.join(where)}: " if where else ""
         super().__init__(prefix + message)
         self.index = index
         self.source = source
+        self.field = field
 
 
 class ImageDecodeError(InputError):
     """Corrupt, truncated or non-image bytes."""
 
 
+class ImageTooLargeError(InputError):
+    """An encoded image with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (a possible
+    decompression bomb); it is refused before it is decoded."""
+
+
 class UnsupportedImageError(InputError):
-    """An image of a shape, channel count, dtype or value range anonloader cannot take."""
+    """An image of a shape, channel count, bit depth, dtype or value range anonloader cannot take."""
+
+
+class AnnotationError(InputError):
+    """A sample's annotated boxes or landmarks are malformed, non-finite, outside the image or
+    in the wrong units."""
 
 
 class ModelLoadError(AnonloaderError, OSError):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from anonloader.data.adapters import SourceImage
+from anonloader.errors import AnonloaderError, AnonymizationFailed
 from anonloader.types import Detections, FaceRecord
 
 __all__ = ["PipelineStage", "ProcessedImage"]
@@ -62,8 +63,20 @@ class PipelineStage:
             images: the sample's images.
             labels: one identity label per image (``label`` strategy), or None.
             detections: faces per image from the dataset's annotations, or None to detect.
+
+        Raises:
+            AnonloaderError: what the pipeline raises; any other exception is wrapped in
+                :class:`~anonloader.errors.AnonymizationFailed` naming the sample (cause chained).
         """
-        result = self.anonymizer([s.tensor for s in images], detections=detections, labels=labels)
+        try:
+            result = self.anonymizer([s.tensor for s in images], detections=detections, labels=labels)
+        except AnonloaderError:
+            raise
+        except Exception as error:
+            raise AnonymizationFailed(
+                f"sample {index}: the pipeline failed ({type(error).__name__}: {error}); fix the cause, "
+                "or choose on_error='drop' to drop such samples"
+            ) from error
         return [
             ProcessedImage(image, records, error)
             for image, records, error in zip(result.images, result.records, result.errors, strict=True)
