@@ -259,9 +259,9 @@ class SCRFDDetector:
 
             root = str(self.model_root)
             if self.model_name.endswith(".onnx"):
-                download_onnx("models", self.model_name, root=root)
+                download_onnx("models", self.model_name, root=root)  # network-ok: model_file is reached only with allow_download
             else:
-                ensure_available("models", self.model_name, root=root)
+                ensure_available("models", self.model_name, root=root)  # network-ok: as above
         except Exception as error:  # noqa: BLE001 - any download failure is a load error
             raise ModelLoadError(
                 f"could not download insightface model {self.model_name!r} into {self.model_root} "

@@ -79,7 +79,7 @@ class FaceNetRecognizer(nn.Module):
                     f"put facenet-pytorch's released file {path.name} there (or set TORCH_HOME), give a local "
                     "state dict with weights=<path>, or allow the download with allow_download=True"
                 )
-            self.net = InceptionResnetV1(pretrained=pretrained, classify=False)  # facenet-pytorch downloads it
+            self.net = InceptionResnetV1(pretrained=pretrained, classify=False)  # network-ok: allow_download checked above
             return
         self.net = InceptionResnetV1(pretrained=None, classify=False)
         try:
