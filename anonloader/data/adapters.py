@@ -631,7 +631,7 @@ def split_sample(
     skeleton = walker.walk(sample, (), False)
     if not walker.images and require_image:
         raise InputError(
-            f"found no image in {_describe(sample)} sample (images are PIL images, encoded image bytes, "
+            f"found no image in the sample, {_describe(sample)} (images are PIL images, encoded image bytes, "
             f"and arrays H,W / C,H,W / H,W,C with C in 1..4 and sides >= {MIN_IMAGE_SIDE}); "
             "pass image_key= naming the image field",
             index=index,

@@ -118,7 +118,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(UnsupportedImageError, match=r"sample 2 / field \['img'\]: .*not an image"):
         split_sample({"img": 42}, ["img"], index=2)
     with pytest.raises(UnsupportedImageError, match=r"\[0,1\]"):
-        split_sample(torch.full((3, 10, 10), 2.0), index=4)
+        split_sample(torch.full((3, 20, 30), 2.0), index=4)
     with pytest.raises(InputError, match="no field"):
         split_sample({"x": 1}, ["img"], index=5)
     with pytest.raises(InputError, match="found no image"):
