@@ -3,8 +3,8 @@
 Annotations are checked before they are trusted (:func:`check_detections`): boxes and
 landmarks must be finite, each box must have at least half its width and height inside the
 image, each landmark must lie within its box grown by half the box's size on every side, and
-boxes whose every coordinate is <= 1.5 on an image larger than 16 pixels are taken for [0,1]
-units (a face of 1.5 pixels cannot be anonymized anyway). A bad annotation is an
+boxes (or landmarks) whose every coordinate is <= 1.5 on an image larger than 16 pixels are
+taken for [0,1] units (a face of 1.5 pixels cannot be anonymized anyway). A bad annotation is an
 :class:`~anonloader.errors.AnnotationError` naming the sample, never a face left as it was.
 
 When the annotations give boxes only, the 5 landmarks are estimated from each box with a mean
@@ -122,6 +122,12 @@ def check_detections(
             f"annotation boxes look normalised to [0,1] (every coordinate <= {NORMALISED_LIMIT}) on a "
             f"{width}x{height} image; pass pixels: multiply x by the width and y by the height "
             "(landmarks too)"
+        )
+    if max(height, width) > 16 and float(landmarks.abs().max()) <= NORMALISED_LIMIT:
+        raise fail(
+            f"annotation landmarks look normalised to [0,1] (every coordinate <= {NORMALISED_LIMIT}) on a "
+            f"{width}x{height} image while the boxes are pixels; pass landmarks in pixels: multiply x by "
+            "the width and y by the height"
         )
     size = boxes[:, 2:] - boxes[:, :2]  # N,2 (w, h)
     low = -BOX_OUTSIDE * size

@@ -10,8 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
-from anonloader.data.adapters import ImageSlot, image_layout, iter_slots, join_sample, looks_like_image, split_sample
-from anonloader.errors import ImageDecodeError, ImageTooLargeError, InputError, UnsupportedImageError
+from anonloader.data.adapters import (
+    ImageSlot,
+    image_layout,
+    iter_slots,
+    join_sample,
+    looks_like_image,
+    split_sample,
+)
+from anonloader.errors import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    InputError,
+    UnsupportedImageError,
+)
 
 
 def _identity_roundtrip(sample, **kw):

@@ -16,7 +16,8 @@ from anonloader.detect import (
     landmarks_from_boxes,
     load_detector,
 )
-from anonloader.errors import ConfigError, InputError
+from anonloader.detect.annotations import check_detections
+from anonloader.errors import AnnotationError, ConfigError, InputError
 from anonloader.types import Detections
 
 BOXES = [[10.0, 20.0, 110.0, 140.0], [200.0, 50.0, 250.0, 110.0]]
@@ -80,6 +81,53 @@ def test_bad_annotations_raise_input_errors_naming_the_sample(boxes, landmarks, 
     with pytest.raises(InputError, match=match) as caught:
         detections_from_annotations(boxes, landmarks, scores, index=7)
     assert "sample 7" in str(caught.value)
+
+
+# BOXES / LANDMARKS sit inside a 300 x 200 (W x H) image
+SIZE = (200, 300)
+
+
+def test_checked_annotations_inside_the_image_pass():
+    detections = detections_from_annotations(BOXES, LANDMARKS, image_size=SIZE, index=1)
+    assert check_detections(detections, SIZE) is detections
+    # a face cut by the border: less than half of the box beyond it is fine
+    assert len(detections_from_annotations([[-40, 100, 60, 230]], image_size=SIZE)) == 1
+
+
+@pytest.mark.parametrize(
+    ("boxes", "landmarks", "match"),
+    [
+        # [0,1] units on a 300x200 image
+        ((np.asarray(BOXES) / [300, 200, 300, 200]).tolist(), None, "look normalised.*pass pixels"),
+        # pixels, but for another image size (2x)
+        ((np.asarray(BOXES) * 2).tolist(), None, "box 1 .* lies mostly outside the 300x200 image"),
+        # x and y swapped
+        ([[b[1], b[0], b[3], b[2]] for b in BOXES], None, "outside"),
+        # landmarks in [0,1] units beside pixel boxes
+        (BOXES, (np.asarray(LANDMARKS) / [300, 200]).tolist(), "landmarks look normalised"),
+        # one face's landmarks in [0,1] units: box 1 is far from the origin
+        (BOXES, [LANDMARKS[0], (np.asarray(LANDMARKS[1]) / [300, 200]).tolist()], "landmark 0 of face 1 .* far from its box"),
+        # landmarks of the faces in the other order
+        (BOXES, LANDMARKS[::-1], "far from its box"),
+    ],
+)
+def test_annotations_in_the_wrong_units_or_place_are_named_errors(boxes, landmarks, match):
+    with pytest.raises(AnnotationError, match=match) as caught:
+        detections_from_annotations(boxes, landmarks, index=4, image_size=SIZE, field="['img']")
+    assert str(caught.value).startswith("sample 4 / field ['img']: ")
+
+
+def test_detections_objects_with_nan_landmarks_are_refused():
+    landmarks = torch.tensor(LANDMARKS, dtype=torch.float32)
+    landmarks[1, 2, 0] = float("nan")
+    detections = Detections(torch.tensor(BOXES), landmarks, torch.ones(2))
+    with pytest.raises(AnnotationError, match="landmarks of face 1 contain NaN"):
+        check_detections(detections, SIZE, index=0)
+
+
+def test_tiny_images_are_not_taken_for_normalised_boxes():
+    # a 2x2-pixel face on a 16x16 image is in pixels, whatever its numbers look like
+    assert len(check_detections(detections_from_annotations([[0.2, 0.2, 1.4, 1.4]]), (16, 16))) == 1
 
 
 class _FixedDetector:
