@@ -4,12 +4,12 @@ images of one sample in whatever type they came in."""
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from anonloader.errors import ConfigError
 
-__all__ = ["anonymize_sample", "build_stage", "resolve_anonymizer"]
+__all__ = ["anonymize_sample", "as_keys", "build_stage", "resolve_anonymizer"]
 
 
 def resolve_anonymizer(anonymizer: Any = None, method: Any = "blur", **anonymizer_kwargs: Any) -> Any:
@@ -53,24 +53,52 @@ def anonymize_sample(
     index: int,
     image_keys: Sequence[Hashable] | None = None,
     label: Any = None,
+    passthrough_keys: Sequence[Hashable] | None = None,
+    alpha_channel: bool = False,
+    strict: bool | None = None,
+    require_image: bool = True,
+    skip: Callable[[Any], bool] | None = None,
 ) -> tuple[Any, list[Any]]:
     """The sample with every image anonymized (same types), and its :class:`ProcessedImage` list.
 
-    The sample is ``None`` when the fail-closed policy dropped one of its images.
+    The sample is ``None`` when the fail-closed policy dropped one of its images. Every
+    image-like field is anonymized or raises a named :class:`~anonloader.errors.InputError`
+    (the rule: :mod:`anonloader.data.adapters`).
 
     Args:
         stage: a ``PipelineStage`` or ``CachedStage``.
-        sample: an image, or a tuple / list / dict holding images (see
-            :func:`anonloader.data.adapters.split_sample`).
+        sample: an image, or any nesting of tuples / lists / dicts holding images.
         index: the sample's index (cache keys and messages).
-        image_keys: dict keys / tuple positions of the images, or None to find them.
+        image_keys: fields that are images (decoded whatever they look like), or None to find them.
         label: identity label of the sample (``label`` / ``track`` identity strategies).
+        passthrough_keys, alpha_channel, strict, require_image, skip: as in
+            :func:`anonloader.data.adapters.split_sample`.
     """
     from anonloader.data.adapters import join_sample, split_sample
 
-    images, skeleton = split_sample(sample, image_keys, index=index)
+    images, skeleton = split_sample(
+        sample,
+        image_keys,
+        index=index,
+        passthrough_keys=passthrough_keys,
+        alpha_channel=alpha_channel,
+        strict=strict,
+        require_image=require_image,
+        skip=skip,
+    )
+    if not images:
+        return sample, []
     labels = None if label is None else [label] * len(images)
     processed = stage.process(index, images, labels)
     if any(p.image is None for p in processed):
         return None, processed
-    return join_sample(skeleton, [p.image for p in processed], [s.alpha for s in images]), processed
+    return join_sample(skeleton, [p.image for p in processed], [s.alpha for s in images], images), processed
+
+
+def as_keys(keys: Hashable | Sequence[Hashable] | None) -> list[Hashable] | None:
+    """One key (a string, a position or a tuple path) or a list of them -> a list, or None."""
+    if keys is None:
+        return None
+    if isinstance(keys, (str, int, tuple)):
+        return [keys]
+    return list(keys)

@@ -108,6 +108,7 @@ _SIGNATURES = (
     b"\xffO\xffQ",  # JPEG 2000 codestream
     b"qoif",
 )
+_SCALARS = (int, float, complex, str, type(None))
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _PIL_AS = {
     "RGB": "RGB", "L": "L", "1": "L", "RGBA": "RGBA", "LA": "LA", "La": "LA", "RGBa": "RGBA",
@@ -339,8 +340,8 @@ def _frame(chw: torch.Tensor, dtype: str, alpha_channel: bool, where: _Where) ->
             raise where.error(
                 UnsupportedImageError,
                 f"floating point images must hold finite values in [0,1] (got {float(values.min()):.3g} .. "
-                f"{float(values.max()):.3g}); anonymize before normalising, or declare the field in "
-                "passthrough_keys= if it is not a picture",
+                f"{float(values.max()):.3g}); normalise after anonymization, not before, or declare the "
+                "field in passthrough_keys= if it is not a picture",
             )
     return _split_channels(values.detach().cpu(), alpha_channel, where)
 
@@ -564,6 +565,8 @@ class _Walker:
             skeleton = copy.copy(value)
             skeleton.update(changed)
             return skeleton
+        if len(value) > 16 and all(isinstance(item, _SCALARS) for item in value):
+            return value  # numbers / strings: nothing to walk into
         items = [self.walk(item, (*path, i), declared) for i, item in enumerate(value)]
         if all(a is b for a, b in zip(items, value)):
             return value
