@@ -143,3 +143,20 @@ def test_own_aligned_memory_moves_only_misaligned_tensors_and_keeps_values():
     assert linear.weight.data_ptr() % CPU_ALIGNMENT == 0 and torch.equal(linear.weight, expected_weight)
     assert linear.bias.data_ptr() == bias_pointer  # already aligned: untouched, not copied
     assert torch.equal(linear.scale, torch.arange(8.0)) and isinstance(linear.weight, torch.nn.Parameter)
+
+
+def test_routing_is_recorded_with_our_checkpoints_and_released_layout_routes_as_released(tmp_path, crops):
+    by_name = FAMS.from_components(build_tiny_components(0, reference_routing="by_name"), crop_size=16, resolution=16, num_inference_steps=2)
+    by_name.save_pretrained(tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "fams_config.json").read_text())
+    assert saved["reference_routing"] == "by_name" and saved["format"] == 2
+    loaded = FAMS.from_pretrained(tmp_path / "ours", crop_size=16)
+    assert loaded.components.reference_routing == "by_name" and loaded.config()["reference_routing"] == "by_name"
+    assert torch.equal(loaded(crops, _conditions(2)), by_name(crops, _conditions(2)))
+    # the same networks routed as released compute something else; the fingerprint says so
+    released = FAMS.from_pretrained(tmp_path / "ours", crop_size=16, reference_routing="released")
+    assert released.config() != loaded.config()
+    assert not torch.equal(released(crops, _conditions(2)), by_name(crops, _conditions(2)))
+    # the authors' layout has no fams_config.json: released routing
+    release, sd21, clip = _write_release(tmp_path / "release", build_tiny_components(0))
+    assert FAMS(str(release), base_model=str(sd21), clip_model=str(clip)).config()["reference_routing"] == "released"

@@ -25,6 +25,7 @@ from anonloader.errors import AnonloaderError, ConfigError, MethodError
 from anonloader.types import FaceConditions
 
 from .components import FAMSComponents, build_tiny_components, state_digest
+from .referencenet import ROUTINGS
 from .pipeline import SamplingSettings, sample_faces
 from .weights import BASE_MODEL_ID, CLIP_MODEL_ID, FAMS_HUB_ID, LoadedWeights, load_components, locate_weights, save_components
 
@@ -74,6 +75,10 @@ class FAMS:
         device: where the networks run; ``None`` follows the crops.
         dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``.
         attention_backend: for the multi-source attention kernel (``None``: Triton on CUDA).
+        reference_routing: which ReferenceNet state each UNet self-attention layer receives
+            (:mod:`~anonloader.methods.fams.referencenet`): ``None`` takes what the weights record
+            (the released layout: ``"released"``, the authors' code); ``"by_name"`` only for
+            checkpoints trained that way.
     """
 
     name = "fams"
@@ -102,6 +107,7 @@ class FAMS:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         attention_backend: str | None = None,
+        reference_routing: str | None = None,
     ) -> None:
         if crop_size < 8:
             raise ConfigError(f"FAMS crop_size must be at least 8, got {crop_size}")
@@ -119,6 +125,14 @@ class FAMS:
         self.device = None if device is None else torch.device(device)
         self.dtype = _dtype_name(dtype)
         self.attention_backend = attention_backend
+        if reference_routing is not None and reference_routing not in ROUTINGS:
+            raise ConfigError(f"FAMS reference_routing must be one of {ROUTINGS}, got {reference_routing!r}")
+        if components is not None and reference_routing not in (None, components.reference_routing):
+            raise ConfigError(
+                f"FAMS reference_routing={reference_routing!r} but the components route {components.reference_routing!r}; "
+                "build the components with the routing they were trained with"
+            )
+        self.reference_routing = reference_routing
         self._overrides = {
             "anonymization_degree": anonymization_degree,
             "swap_degree": swap_degree,
@@ -164,7 +178,9 @@ class FAMS:
         """Loads (once) and returns the networks."""
         if self._components is None:
             if self.tiny:
-                self._components = build_tiny_components(self.tiny_seed, resolution=self.settings.resolution)
+                self._components = build_tiny_components(
+                    self.tiny_seed, resolution=self.settings.resolution, reference_routing=self.reference_routing or "released"
+                )
                 self._components.attention_backend = self.attention_backend
             else:
                 located = self._locate()
@@ -172,7 +188,9 @@ class FAMS:
                     "loading FAMS from %s (the authors' code is AGPL-3.0; check the licence of these weights)",
                     located.directories["unet"].parent,
                 )
-                self._components = load_components(located, dtype=_DTYPES[self.dtype], attention_backend=self.attention_backend)
+                self._components = load_components(
+                    located, dtype=_DTYPES[self.dtype], attention_backend=self.attention_backend, reference_routing=self.reference_routing
+                )
             self._components.to(device=self.device, dtype=_DTYPES[self.dtype])
         return self._components
 
@@ -274,6 +292,7 @@ class FAMS:
         if self._components is not None:
             scheduler = dict(self._components.scheduler_config)
             clip_input = self._components.clip_input
+            routing = self._components.reference_routing
         else:
             located = self._locate()
             import json
@@ -282,15 +301,23 @@ class FAMS:
 
             scheduler = {k: v for k, v in json.loads((located.directories["scheduler"] / "scheduler_config.json").read_text()).items() if not k.startswith("_")}
             clip_input = ClipInput.from_preprocessor_config(json.loads((located.directories["feature_extractor"] / "preprocessor_config.json").read_text()))
+            routing = self.reference_routing or located.reference_routing
         return {
-            "format": 1,
+            "format": 2,
             "weights": {"origin": origin, **digests},
             "crop_size": self.crop_size,
             "template": self.template,
             "dtype": self.dtype,
             "sampling": self.settings.to_dict(),
             "scheduler": scheduler,
-            "clip_input": {"size": clip_input.size, "crop_size": clip_input.crop_size, "mean": list(clip_input.mean), "std": list(clip_input.std)},
+            "clip_input": {
+                "size": clip_input.size,
+                "crop_size": clip_input.crop_size,
+                "mean": list(clip_input.mean),
+                "std": list(clip_input.std),
+                "resize": "pil_uint8_bicubic",
+            },
+            "reference_routing": routing,
             "vae_latents": "posterior_mean",
         }
 

@@ -14,8 +14,9 @@ Classifier-free guidance pairs each face with an unconditional branch whose sour
 ``eps = eps_u + g (eps_c - eps_u)``. Face swap takes a separate source image (e.g. from a
 synthetic identity bank) with ``d = 0`` by default.
 
-Both ReferenceNets run once per face, at timestep 0; their states are projected to keys and
-values once and reused at every denoising step. Randomness comes only from per-face
+Both ReferenceNets run once per face, at timestep 0; their states are routed to the UNet's
+self-attention layers as the released code does (``FAMSComponents.reference_routing``), projected
+to keys and values once and reused at every denoising step. Randomness comes only from per-face
 ``torch.Generator`` objects seeded from ``FaceConditions.seeds`` (on the CPU, so the starting
 noise is the same on every device), so a face's output does not depend on the rest of its batch.
 """
@@ -169,8 +170,8 @@ def sample_faces(
     driving_embeds = embed_images(components, driving)
     source_latents = driving_latents if source is None else encode_images(components, source_images)
     source_embeds = (driving_embeds if source is None else embed_images(components, source_images)) * (1.0 - degree)  # eq. 1
-    source_states = components.referencenet(source_latents.to(dtype), source_embeds)
-    driving_states = components.conditioning_referencenet(driving_latents.to(dtype), driving_embeds)
+    source_states = components.source_states(source_latents.to(dtype), source_embeds)  # routed to the UNet's layers
+    driving_states = components.driving_states(driving_latents.to(dtype), driving_embeds)
     latent_size = tuple(driving_latents.shape[-2:])
 
     if guided or blend:

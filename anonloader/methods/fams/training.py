@@ -103,8 +103,10 @@ class FAMSTrainingModule(L.LightningModule):
         else:
             wanted = noise
 
-        source_states = self.referencenet(source_latents, source_embeds)
-        driving_states = self.conditioning_referencenet(driving_latents, driving_embeds)
+        # routed like sampling (``components.reference_routing``): released weights fine-tune with
+        # the routing they were trained with
+        source_states = self.components.route(self.referencenet(source_latents, source_embeds))
+        driving_states = self.components.route(self.conditioning_referencenet(driving_latents, driving_embeds))
         route_reference_states(self.components.processors, [source_states, driving_states])
         try:
             prediction = self.unet(noisy, timesteps, encoder_hidden_states=torch.cat([source_embeds, driving_embeds], dim=1), return_dict=False)[0]
@@ -116,6 +118,9 @@ class FAMSTrainingModule(L.LightningModule):
         loss = self.compute_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["target"].shape[0])
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.components.clear_cache()  # the source ReferenceNet changed: its null states are stale
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)

@@ -30,7 +30,7 @@ from anonloader.errors import ModelLoadError
 from anonloader.fingerprint import hash_file
 
 from .components import ClipInput, FAMSComponents
-from .referencenet import ReferenceNet
+from .referencenet import ROUTINGS, ReferenceNet
 
 __all__ = [
     "BASE_MODEL_ID",
@@ -145,6 +145,9 @@ class LoadedWeights:
     directories: dict[str, Path] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
     saved_settings: dict[str, Any] = field(default_factory=dict)
+    #: the reference-state routing the networks were trained with: ``"released"`` for the
+    #: authors' layout (no ``fams_config.json``), else what ``fams_config.json`` records
+    reference_routing: str = "released"
 
 
 def locate_weights(
@@ -176,7 +179,20 @@ def locate_weights(
             )
         found.directories[name] = root / name
     if (root / "fams_config.json").is_file():
-        found.saved_settings = _read_json(root / "fams_config.json", "weights").get("settings", {})
+        saved = _read_json(root / "fams_config.json", "weights")
+        found.saved_settings = saved.get("settings", {})
+        if "reference_routing" in saved:
+            found.reference_routing = saved["reference_routing"]
+        else:
+            logger.warning(
+                "FAMS weights %s: fams_config.json (format %s) does not record the reference routing; "
+                "assuming the released one. Checkpoints trained with anonloader before routing was "
+                "recorded used reference_routing='by_name': pass it explicitly for those.",
+                root,
+                saved.get("format"),
+            )
+        if found.reference_routing not in ROUTINGS:
+            raise ModelLoadError(f"FAMS weights: {root}/fams_config.json names an unknown reference routing {found.reference_routing!r}")
 
     if (root / "vae" / "config.json").is_file() and (root / "scheduler" / "scheduler_config.json").is_file():
         base = root
@@ -244,9 +260,16 @@ def own_aligned_memory(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def load_components(found: LoadedWeights, *, dtype: torch.dtype | None = None, attention_backend: str | None = None) -> FAMSComponents:
+def load_components(
+    found: LoadedWeights,
+    *,
+    dtype: torch.dtype | None = None,
+    attention_backend: str | None = None,
+    reference_routing: str | None = None,
+) -> FAMSComponents:
     """Builds the networks from the folders :func:`locate_weights` found (on the CPU, in memory
-    of their own: see :func:`own_aligned_memory`)."""
+    of their own: see :func:`own_aligned_memory`). ``reference_routing`` overrides the one the
+    weights record (``found.reference_routing``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPVisionModel
 
@@ -275,13 +298,15 @@ def load_components(found: LoadedWeights, *, dtype: torch.dtype | None = None, a
         clip_input=clip_input,
         scheduler_config={k: v for k, v in scheduler_config.items() if not k.startswith("_")},
         attention_backend=attention_backend,
+        reference_routing=reference_routing or found.reference_routing,
     )
     return components.eval()
 
 
 def save_components(components: FAMSComponents, directory: str | os.PathLike[str], settings: dict[str, Any] | None = None) -> Path:
     """Writes a self-contained FAMS directory (the released layout plus ``vae/``, ``scheduler/``,
-    ``image_encoder/``, ``feature_extractor/`` and ``fams_config.json``) that
+    ``image_encoder/``, ``feature_extractor/`` and ``fams_config.json``, which records the sampling
+    settings and the reference routing) that
     :func:`locate_weights` / :func:`load_components` read back bit for bit."""
     from diffusers import DDPMScheduler
 
@@ -297,6 +322,7 @@ def save_components(components: FAMSComponents, directory: str | os.PathLike[str
     (root / "feature_extractor" / "preprocessor_config.json").write_text(
         json.dumps(components.clip_input.to_preprocessor_config(), indent=2)
     )
-    (root / "fams_config.json").write_text(json.dumps({"format": 1, "settings": settings or {}}, indent=2, sort_keys=True))
+    record = {"format": 2, "reference_routing": components.reference_routing, "settings": settings or {}}
+    (root / "fams_config.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     logger.info("saved FAMS to %s", root)
     return root
