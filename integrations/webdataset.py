@@ -12,8 +12,10 @@
 
 The stage works before decoding (image entries are the encoded file bytes, written back in
 the same format) and after it (PIL images, tensors, arrays come back as the same type). Image
-entries are found by their extension (``jpg``, ``png``, ``left.jpg`` ...) or by their value; name
-them with ``image_key=`` to be explicit. It is a ``pipelinefilter`` stage, so it pickles into
+entries are found by their extension (``jpg``, ``png``, ``left.jpg`` ...) or by their value, at
+any depth (the rule: :mod:`anonloader.data.adapters`); an image-like value that cannot be
+anonymized is a named error. Name the images with ``image_key=`` to be explicit, and entries
+that hold no face with ``passthrough_keys=``. It is a ``pipelinefilter`` stage, so it pickles into
 DataLoader workers (each worker loads its own models on first use).
 
 Errors follow WebDataset's handler convention: ``handler(exn)`` returning True skips the sample,
@@ -26,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
-from anonloader.integrations._common import anonymize_sample, build_stage, resolve_anonymizer
+from anonloader.integrations._common import anonymize_sample, as_keys, build_stage, resolve_anonymizer
 
 __all__ = ["IMAGE_EXTENSIONS", "anonymize", "anonymize_samples", "image_keys_of"]
 
@@ -40,14 +42,14 @@ def _reraise(exn: Exception) -> bool:
 
 def image_keys_of(sample: dict[str, Any]) -> list[str]:
     """The keys of a WebDataset sample that hold images: by extension, or by decoded value."""
-    from anonloader.data.adapters import _is_image
+    from anonloader.data.adapters import looks_like_image
 
     keys = []
     for key, value in sample.items():
         if key.startswith("__"):
             continue
         extension = key.rsplit(".", 1)[-1].lower()
-        if extension in IMAGE_EXTENSIONS or _is_image(value):
+        if extension in IMAGE_EXTENSIONS or looks_like_image(value):
             keys.append(key)
     return keys
 
@@ -57,22 +59,38 @@ def anonymize_samples(
     stage: Any,
     image_keys: Sequence[Hashable] | None = None,
     handler: Callable[[Exception], bool] = _reraise,
+    passthrough_keys: Sequence[Hashable] | None = None,
+    alpha_channel: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """The pipeline stage itself: yields each sample of ``data`` with its images anonymized.
 
     Args:
         data: WebDataset samples (dicts with ``__key__`` and one entry per file extension).
         stage: the anonymizing stage (``PipelineStage`` / ``CachedStage``).
-        image_keys: the entries holding images; None finds them per sample.
+        image_keys: the entries holding images (any other image-like entry is then an
+            error); None: the entries with an image extension are images, and every other
+            image-like value, at any depth, is anonymized too.
         handler: WebDataset-style exception handler.
+        passthrough_keys: entries that hold no face, left as they are.
+        alpha_channel: arrays with 2 or 4 channels carry alpha in the last one.
     """
     for index, sample in enumerate(data):
         try:
-            keys = list(image_keys) if image_keys is not None else image_keys_of(sample)
-            if not keys:
-                yield sample  # nothing that could show a face
-                continue
-            out, _ = anonymize_sample(stage, sample, index=index, image_keys=keys)
+            declared = list(image_keys) if image_keys is not None else None
+            by_extension = declared if declared is not None else [
+                key for key in sample if not str(key).startswith("__") and str(key).rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+            ]
+            passthrough = [*(passthrough_keys or ()), *(k for k in sample if str(k).startswith("__"))]
+            out, _ = anonymize_sample(
+                stage,
+                sample,
+                index=index,
+                image_keys=[k for k in by_extension if k not in (passthrough_keys or ())],
+                passthrough_keys=passthrough,
+                alpha_channel=alpha_channel,
+                strict=declared is not None,
+                require_image=False,
+            )
         except Exception as exn:  # noqa: BLE001 - the handler decides, as in webdataset's own stages
             if isinstance(sample, dict) and "__key__" in sample:
                 exn.args = (*exn.args, f"webdataset sample {sample['__key__']!r}")
@@ -87,6 +105,8 @@ def anonymize(
     method: Any = "blur",
     *,
     image_key: Hashable | Sequence[Hashable] | None = None,
+    passthrough_keys: Hashable | Sequence[Hashable] | None = None,
+    alpha_channel: bool = False,
     handler: Callable[[Exception], bool] | None = None,
     anonymizer: Any = None,
     cache: Any = None,
@@ -99,7 +119,12 @@ def anonymize(
     Args:
         method: method name or instance, or a ready :class:`~anonloader.pipeline.Anonymizer`.
         image_key: entry name(s) of the images (``"jpg"``, ``["left.png", "right.png"]``);
-            default: every entry with an image extension or an image value.
+            any other entry that looks like an image is then an error. Default: every entry
+            with an image extension, and every other value that looks like an image.
+        passthrough_keys: entries that hold no face (a segmentation mask ``"seg.png"``, a
+            depth map), left as they are.
+        alpha_channel: arrays with 2 or 4 channels carry alpha in the last one (otherwise
+            they are an error; PIL ``RGBA`` needs no flag).
         handler: WebDataset exception handler (default ``wds.reraise_exception``).
         anonymizer: a ready Anonymizer (instead of ``method`` + options).
         cache, cache_mode, secret: serve / store results in an LMDB cache.
@@ -112,5 +137,6 @@ def anonymize(
 
     resolved = resolve_anonymizer(anonymizer, method, **anonymizer_kwargs)
     stage = build_stage(resolved, cache=cache, cache_mode=cache_mode, secret=secret)
-    keys = None if image_key is None else ([image_key] if isinstance(image_key, (str, int)) else list(image_key))
-    return pipelinefilter(anonymize_samples)(stage, keys, handler or reraise_exception)
+    return pipelinefilter(anonymize_samples)(
+        stage, as_keys(image_key), handler or reraise_exception, as_keys(passthrough_keys), alpha_channel
+    )
