@@ -157,11 +157,24 @@ class KeyedIdentityAssigner:
                 self._embedding_cache[hashes[f]] = vector
         return torch.stack([self._embedding_cache[h] for h in hashes])
 
-    def fit(self, crops: torch.Tensor | None = None, *, embeddings: torch.Tensor | None = None, content_hashes: Sequence[str] | None = None) -> ClusterResult:
+    def fit(
+        self,
+        crops: torch.Tensor | None = None,
+        *,
+        embeddings: torch.Tensor | Any | None = None,
+        content_hashes: Sequence[str] | None = None,
+        method: str = "graph",
+        k: int = 32,
+        shards: int = 1,
+    ) -> ClusterResult:
         """Pass 2 of the ``cluster`` strategy: cluster every face of the dataset and map each
         cluster (in canonical digest order, so input order does not matter).
 
-        Give ``crops`` (``N,3,S,S``, all faces), or precomputed ``embeddings`` with ``content_hashes``.
+        Give ``crops`` (``N,3,S,S float in [0,1]``, all faces), or precomputed ``embeddings``
+        (``N,D``, tensor or array, e.g. :meth:`EmbeddingStore.embeddings
+        <anonloader.identity.store.EmbeddingStore.embeddings>`) with ``content_hashes``.
+        ``method``, ``k`` and ``shards`` go to :func:`~anonloader.identity.keys.cluster_embeddings`
+        (``shards > 1``: the k-NN search runs on Ray; same keys).
         """
         if embeddings is None:
             if crops is None:
@@ -170,7 +183,7 @@ class KeyedIdentityAssigner:
             content_hashes = [face_content_hash(c) for c in crops]
         if content_hashes is None:
             raise ConfigError("fit with embeddings needs their content_hashes")
-        self.clusters = cluster_embeddings(embeddings, content_hashes, self.threshold)
+        self.clusters = cluster_embeddings(embeddings, content_hashes, self.threshold, method=method, k=k, shards=shards)
         features = None
         if self.feature_fn is not None and crops is not None and self.clusters.cluster_keys:
             features = self._cluster_features(crops, content_hashes)

@@ -91,6 +91,7 @@ class IdentityBank:
             features = features.contiguous()
         self.features = features
         self._fingerprint: str | None = None
+        self._index: Any = None  # VectorIndex over embeddings, built on first nearest()
 
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
@@ -116,9 +117,19 @@ class IdentityBank:
         return self._fingerprint
 
     def nearest(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For ``F,D`` query embeddings: (``F`` best cosine similarity, ``F`` bank index)."""
-        sims = torch.nn.functional.normalize(embeddings.float(), dim=1) @ self.embeddings.T
-        return sims.max(dim=1)
+        """For ``F,D`` query embeddings: (``F float32`` best cosine similarity, ``F int64`` bank
+        index), through the bank's exact :class:`~anonloader.identity.index.VectorIndex`."""
+        if self._index is None:
+            from anonloader.identity.index import VectorIndex
+
+            self._index = VectorIndex.build(self.embeddings, kind="exact")
+        sims, ids = self._index.nearest(torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=1))
+        return torch.from_numpy(sims), torch.from_numpy(ids)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_index"] = None
+        return state
 
     def with_features(self, features: torch.Tensor, info: dict[str, Any] | None = None) -> IdentityBank:
         """A copy of this bank with attribute-space ``features`` (``N,D'``, normalised here) and

@@ -8,9 +8,10 @@ digest). Strategies:
   similarity; track ids are numbered in order of first appearance (frame order, then left to
   right), so they are deterministic for a given clip.
 - :func:`cluster_embeddings`: global clustering of a whole dataset's embeddings at the
-  recognizer threshold, independent of input order (faces are processed in content-hash order,
-  in two passes: leader clustering, then every face re-assigned to its nearest centroid); key =
-  content hash of the cluster's canonical member (the smallest hash).
+  recognizer threshold, independent of input order and of sharding (faces in content-hash
+  order; a mutual k-NN graph at the threshold and its connected components, see
+  :mod:`anonloader.identity.clustering`); key = content hash of the cluster's canonical member
+  (the smallest hash). The previous leader clustering stays available as ``method="leader"``.
 - :class:`IdentityRegistry`: the online variant for streams: a face joins the nearest known
   identity at the threshold or starts a new one keyed by its own content hash. Persisted with
   only keyed digests and synthetic ids (via the mapper); embeddings are written only when
@@ -24,10 +25,11 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from anonloader.errors import ConfigError, IdentityError, SecretError
@@ -151,69 +153,100 @@ class ClusterResult:
     Attributes:
         keys: one key per input face (``"cluster:" + canonical member's content hash``).
         centroids: ``C,D`` L2-normalised mean embeddings, one per cluster (in memory only).
-        cluster_keys: ``C`` keys, aligned with ``centroids``.
+        cluster_keys: ``C`` keys, aligned with ``centroids`` (ascending canonical hash).
+        labels: ``N int64`` cluster number of each input face (indexes ``cluster_keys``), or
+            None.
     """
 
     keys: list[str]
     centroids: torch.Tensor
     cluster_keys: list[str]
+    labels: np.ndarray | None = None
+    _index: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def index(self) -> Any:
+        """The exact :class:`~anonloader.identity.index.VectorIndex` over ``centroids`` (built once)."""
+        if "index" not in self._index:
+            from anonloader.identity.index import VectorIndex
+
+            self._index["index"] = VectorIndex.build(self.centroids, kind="exact")
+        return self._index["index"]
 
     def key_of(self, embeddings: torch.Tensor, threshold: float) -> list[str | None]:
         """Keys of new faces (``F,D``): the nearest centroid's at cosine ``>= threshold``, else None."""
         if len(self.centroids) == 0 or len(embeddings) == 0:
             return [None] * len(embeddings)
-        sims, index = (embeddings.float() @ self.centroids.T).max(dim=1)
-        return [self.cluster_keys[int(j)] if float(s) >= threshold else None for s, j in zip(sims, index)]
+        vectors = torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=1)
+        sims, index = self.index().nearest(vectors)
+        return [self.cluster_keys[int(j)] if j >= 0 and float(s) >= threshold else None for s, j in zip(sims, index)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {f: getattr(self, f) for f in ("keys", "centroids", "cluster_keys", "labels")}
+        return state | {"_index": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
 
 
-def cluster_embeddings(embeddings: torch.Tensor, content_hashes: Sequence[str], threshold: float) -> ClusterResult:
+def cluster_embeddings(
+    embeddings: torch.Tensor | np.ndarray,
+    content_hashes: Sequence[str],
+    threshold: float,
+    *,
+    method: str = "graph",
+    k: int = 32,
+    shards: int = 1,
+    exact_limit: int = 50_000,
+    index_kind: str | None = None,
+) -> ClusterResult:
     """Cluster a whole dataset's faces at the recognizer threshold, independently of input order.
 
     Args:
-        embeddings: ``N,D`` L2-normalised embeddings of every face.
+        embeddings: ``N,D`` L2-normalised embeddings of every face (tensor or array, e.g. a
+            memory-mapped :class:`~anonloader.identity.store.EmbeddingStore` column).
         content_hashes: ``N`` content hashes of the faces (:func:`face_content_hash`); they fix
             the processing order and name the clusters.
         threshold: the recognizer's same-person cosine similarity.
+        method: ``"graph"`` (mutual k-NN graph at the threshold + connected components, see
+            :mod:`anonloader.identity.clustering`) or ``"leader"`` (the previous two-pass leader
+            clustering, O(N x clusters); for comparison and small data).
+        k: graph: neighbours per face. shards: graph: Ray Data blocks for the k-NN search
+            (1 = in this process; the result is the same). exact_limit, index_kind: graph:
+            when the search is exact (see :func:`~anonloader.identity.clustering.graph_labels`).
     """
+    from anonloader.identity import clustering
+
+    if method not in clustering.CLUSTER_METHODS:
+        raise ConfigError(f"unknown clustering method {method!r}; use one of {', '.join(clustering.CLUSTER_METHODS)}")
     n = len(embeddings)
     if len(content_hashes) != n:
         raise ConfigError(f"{len(content_hashes)} content hashes for {n} embeddings")
+    dim = int(embeddings.shape[-1]) if getattr(embeddings, "ndim", 0) == 2 else 0
     if n == 0:
-        return ClusterResult([], torch.zeros(0, embeddings.shape[-1] if embeddings.ndim == 2 else 0), [])
-    vectors = torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=1)
-    order = sorted(range(n), key=lambda i: (content_hashes[i], i))
-    # pass 1: leader clustering in canonical order
-    sums: list[torch.Tensor] = []
-    for i in order:
-        if sums:
-            centroids = torch.nn.functional.normalize(torch.stack(sums), dim=1)
-            sims = centroids @ vectors[i]
-            best = int(sims.argmax())
-            if float(sims[best]) >= threshold:
-                sums[best] = sums[best] + vectors[i]
-                continue
-        sums.append(vectors[i].clone())
-    centroids = torch.nn.functional.normalize(torch.stack(sums), dim=1)
-    # pass 2: every face to its nearest centroid (a face below threshold to all stays alone)
-    members: dict[int, list[int]] = {}
-    singles: list[int] = []
-    sims = vectors @ centroids.T
-    for i in order:
-        best = int(sims[i].argmax())
-        if float(sims[i, best]) >= threshold:
-            members.setdefault(best, []).append(i)
-        else:
-            singles.append(i)
-    groups = list(members.values()) + [[i] for i in singles]
-    keys: list[str] = [""] * n
-    cluster_keys, final_centroids = [], []
-    for group in sorted(groups, key=lambda g: min(content_hashes[i] for i in g)):
-        key = "cluster:" + min(content_hashes[i] for i in group)
-        for i in group:
-            keys[i] = key
-        cluster_keys.append(key)
-        final_centroids.append(torch.nn.functional.normalize(vectors[group].sum(0), dim=0))
-    return ClusterResult(keys, torch.stack(final_centroids), cluster_keys)
+        return ClusterResult([], torch.zeros(0, dim), [], np.zeros(0, dtype=np.int64))
+    order = clustering.canonical_order(content_hashes)
+    canonical = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 65536):  # normalise in blocks (the input may be memory-mapped)
+        rows = order[start : start + 65536]
+        block = torch.as_tensor(np.asarray(embeddings[rows]) if not isinstance(embeddings, torch.Tensor) else embeddings[rows])
+        canonical[start : start + len(rows)] = torch.nn.functional.normalize(block.detach().float().cpu(), dim=1).numpy()
+    if method == "graph":
+        roots = clustering.graph_labels(canonical, threshold, k=k, shards=shards, exact_limit=exact_limit, index_kind=index_kind)
+    else:
+        groups = clustering.leader_labels(torch.from_numpy(canonical), threshold)
+        first = np.full(int(groups.max()) + 1, n, dtype=np.int64)
+        np.minimum.at(first, groups, np.arange(n, dtype=np.int64))
+        roots = first[groups]  # a group's smallest canonical row
+    unique_roots = np.unique(roots)  # ascending row = ascending smallest hash
+    canonical_labels = np.searchsorted(unique_roots, roots).astype(np.int64)
+    centroids = clustering.cluster_centroids(canonical, canonical_labels, len(unique_roots))
+    del canonical
+    cluster_keys = ["cluster:" + content_hashes[int(order[r])] for r in unique_roots]
+    labels = np.empty(n, dtype=np.int64)
+    labels[order] = canonical_labels
+    keys = [cluster_keys[c] for c in labels.tolist()]
+    return ClusterResult(keys, centroids, cluster_keys, labels)
 
 
 # ---------------------------------------------------------------------------------- online
@@ -243,29 +276,36 @@ class IdentityRegistry:
         self.keys: list[str] = []
         self.digests: list[str] = []
         self.sums: list[torch.Tensor] = []
+        self._index: Any = None  # VectorIndex of identity means, rows -> identities in _rows
+        self._rows: list[int] = []
+        self._row_of: dict[int, int] = {}
         if self.path is not None and self.path.exists():
             self._load()
+        self._digest_ids = {d: i for i, d in enumerate(self.digests)}
 
     def _digest(self, key: str) -> str:
         return self.key.digest(b"anonloader/registry/v1\0" + key.encode()).hex()
 
     def key_of(self, embeddings: torch.Tensor, content_hashes: Sequence[str]) -> list[str]:
-        """Keys of ``F,D`` L2-normalised embeddings, in order (registers new identities)."""
+        """Keys of ``F,D`` L2-normalised embeddings, in order (registers new identities).
+
+        Each face is one query to the registry's exact :class:`~anonloader.identity.index.VectorIndex`
+        of identity means (no Python loop over identities); a face that joins an identity moves
+        that identity's row to the new mean before the next face is looked up.
+        """
         out = []
-        for vector, content in zip(torch.nn.functional.normalize(embeddings.float(), dim=1), content_hashes):
-            live = [i for i, s in enumerate(self.sums) if s is not None]
+        for vector, content in zip(torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=1), content_hashes):
+            index = self._live_index(len(vector))
             best = None
-            if live:
-                centroids = torch.nn.functional.normalize(torch.stack([self.sums[i] for i in live]), dim=1)
-                sims = centroids @ vector
-                j = int(sims.argmax())
-                if float(sims[j]) >= self.threshold:
-                    best = live[j]
+            if len(index):
+                score, row = index.nearest(vector[None])
+                if int(row[0]) >= 0 and float(score[0]) >= self.threshold:
+                    best = self._rows[int(row[0])]
             if best is None:
                 key = "online:" + content
                 digest = self._digest(key)
-                if digest in self.digests:  # the same crop came back after a restart
-                    best = self.digests.index(digest)
+                best = self._digest_ids.get(digest)
+                if best is not None:  # the same crop came back after a restart
                     self.keys[best] = key
                     self.sums[best] = vector.clone()
                 else:
@@ -273,10 +313,34 @@ class IdentityRegistry:
                     self.digests.append(digest)
                     self.sums.append(vector.clone())
                     best = len(self.keys) - 1
+                    self._digest_ids[digest] = best
             else:
                 self.sums[best] = self.sums[best] + vector
+            self._place(best)
             out.append(self.keys[best])
         return out
+
+    def _live_index(self, dim: int) -> Any:
+        """The index over the normalised means of identities that have one (built on first use)."""
+        if self._index is None:
+            from anonloader.identity.index import VectorIndex
+
+            self._index = VectorIndex(dim, kind="exact")
+            self._rows, self._row_of = [], {}
+            for identity, total in enumerate(self.sums):
+                if total is not None:
+                    self._place(identity)
+        return self._index
+
+    def _place(self, identity: int) -> None:
+        """Write identity's current normalised mean into the index (a new row or its own)."""
+        mean = torch.nn.functional.normalize(self.sums[identity].float(), dim=0)[None]
+        row = self._row_of.get(identity)
+        if row is None:
+            self._row_of[identity] = int(self._index.add(mean)[0])
+            self._rows.append(identity)
+        else:
+            self._index.replace([row], mean)
 
     def save(self) -> None:
         if self.path is None:

@@ -290,8 +290,14 @@ class KeyedMapper:
         self.ranker = ranker
         self._table = _Table({})
         self._taken: dict[int, str] = {}
+        self._indexes: dict[str, Any] = {}  # nearest-neighbour indexes, built on first use, not pickled
         if self.store is not None and self.store.exists():
             self._load_store()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_indexes"] = {}
+        return state
 
     # ---------------------------------------------------------------- keys and candidates
     @property
@@ -354,17 +360,44 @@ class KeyedMapper:
             raise IdentityError(f"the ranker returned ids outside the bank of {n} identities")
         return order
 
+    def nearest(self, real_feature: torch.Tensor, count: int) -> list[int]:
+        """The first ``count`` ids of :meth:`rank` (same order, ties by id), found through the
+        bank's :class:`~anonloader.identity.index.VectorIndex` instead of sorting the whole bank.
+
+        The index proposes ``count + 16`` candidates by float32 score; they are re-scored in
+        float64 as :meth:`rank` does. When the ``count``-th float64 score is not clear of the
+        weakest proposed float32 score (near-ties at the boundary, e.g. duplicate features), the
+        whole bank is ranked instead, so the answer is always exactly :meth:`rank`'s.
+        """
+        n = self.bank_size
+        features = getattr(self.bank, "features", None)
+        count = min(int(count), n)
+        if self.ranker is not None or features is None or count + 16 >= n:
+            return list(dict.fromkeys(self.rank(real_feature).tolist()))[:count]
+        real = real_feature.detach().double().reshape(-1).cpu()
+        if real.numel() != features.shape[1]:
+            return self.rank(real_feature).tolist()[:count]  # raises the dimension error
+        real = torch.nn.functional.normalize(real, dim=0)
+        index = self._indexes.get("features")
+        if index is None:
+            from anonloader.identity.index import VectorIndex
+
+            index = self._indexes["features"] = VectorIndex.build(features, kind="exact")
+        scores, ids = index.search(real.float()[None], count + 16)
+        ids = ids[0][ids[0] >= 0]
+        exact = features[torch.from_numpy(ids)].double() @ real
+        order = sorted(range(len(ids)), key=lambda e: (-float(exact[e]), int(ids[e])))
+        kth = float(exact[order[count - 1]])
+        if kth <= float(scores[0][len(ids) - 1]) + 1e-5:
+            return self.rank(real_feature).tolist()[:count]
+        return [int(ids[e]) for e in order[:count]]
+
     def pool(self, digest: str, real_feature: torch.Tensor) -> list[int]:
         """The ``candidate_pool`` nearest bank ids to ``real_feature``, in the keyed (rendezvous)
         order of ``digest`` (see module doc)."""
         if self.candidate_pool is None:
             raise ConfigError("this mapper has no candidate_pool")
-        members: list[int] = []
-        for i in self.rank(real_feature).tolist():
-            if i not in members:
-                members.append(i)
-                if len(members) == self.candidate_pool:
-                    break
+        members = self.nearest(real_feature, self.candidate_pool)
         raw = bytes.fromhex(digest)
         return sorted(members, key=lambda i: (self.key.digest(b"anonloader/pool/v1" + raw + i.to_bytes(4, "big")), i))
 
@@ -408,11 +441,14 @@ class KeyedMapper:
             return IdentityAssignment(digest, self._table.assignments[digest], seed)
         first_admissible = None
         chosen = None
+        exhausted = len(self._taken) >= self.bank_size  # then the first admissible one is shared
         for candidate in self._candidate_order(digest, real_feature):
             if not self._admissible(candidate, real_embedding):
                 continue
             if first_admissible is None:
                 first_admissible = candidate
+            if exhausted:
+                break
             if candidate not in self._taken:
                 chosen = candidate
                 break
