@@ -6,10 +6,20 @@
     >>> tiny = FAMS.from_config(tiny=True)  # random tiny networks for tests  # doctest: +SKIP
 
 Given aligned ``ffhq``-template crops, each face is regenerated from noise with the same pose,
-expression, gaze and background and a different identity controlled by the degree ``d``; with
-``conditions.extra["source_images"]`` it swaps in the source faces instead (how a stable
-synthetic identity drives FAMS). The authors' code is AGPL-3.0 (none of it is copied here);
-check the licence of the released weights before use.
+expression, gaze and background and a different identity controlled by the degree ``d``.
+
+Identity mode (stable synthetic identities): given ``bank=`` (an
+:class:`~anonloader.identity.bank.IdentityBank` holding face images, the same bank the pipeline's
+identity assigner maps into), FAMS runs its face-swap path with, as source, the bank image of
+each face's ``conditions.synthetic_ids`` entry, aligned to FAMS's ``ffhq`` template, and
+``swap_degree`` applied to it by eqs. 1-2 (0: the released plain swap). Every photo of one real
+person then gets the same source image and (from the assigner) the same seed. The released code
+defines ``d`` on the source branch only, so in identity mode the driving branch runs as released
+(its states carry pose, expression and background) and ``anonymization_degree`` is not used.
+``conditions.extra["source_images"]`` swaps in explicit source faces instead.
+
+The authors' code is AGPL-3.0 (none of it is copied here); check the licence of the released
+weights before use.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from anonloader.errors import AnonloaderError, ConfigError, MethodError
-from anonloader.types import FaceConditions
+from anonloader.types import Detections, FaceConditions
 
 from .components import FAMSComponents, build_tiny_components, state_digest
 from .referencenet import ROUTINGS
@@ -30,6 +40,18 @@ from .pipeline import SamplingSettings, sample_faces
 from .weights import BASE_MODEL_ID, CLIP_MODEL_ID, FAMS_HUB_ID, LoadedWeights, load_components, locate_weights, save_components
 
 __all__ = ["FAMS"]
+
+
+def _bank_template(bank: Any) -> str:
+    """The alignment template a bank's images are in: recorded in its metadata, or the generating
+    method's, else ``"arcface"`` (recognizer-aligned face folders)."""
+    meta = getattr(bank, "meta", {}) or {}
+    if isinstance(meta.get("template"), str):
+        return meta["template"]
+    method = meta.get("method")
+    if isinstance(method, dict) and isinstance(method.get("template"), str):
+        return method["template"]
+    return "arcface"
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +97,12 @@ class FAMS:
         device: where the networks run; ``None`` follows the crops.
         dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``.
         attention_backend: for the multi-source attention kernel (``None``: Triton on CUDA).
+        bank: identity mode (see the module docstring): an ``IdentityBank`` with images, or the
+            folder of a saved one; :class:`~anonloader.errors.ConfigError` if it holds no images.
+        bank_template: the alignment template of the bank's images (``"arcface"``, ``"ffhq"``);
+            ``None`` reads it from the bank's metadata (``meta["template"]``, or the generating
+            method's template for banks made by a method), else ``"arcface"`` (face folders such
+            as DCFace's).
         reference_routing: which ReferenceNet state each UNet self-attention layer receives
             (:mod:`~anonloader.methods.fams.referencenet`): ``None`` takes what the weights record
             (the released layout: ``"released"``, the authors' code); ``"by_name"`` only for
@@ -108,6 +136,8 @@ class FAMS:
         dtype: str | torch.dtype | None = None,
         attention_backend: str | None = None,
         reference_routing: str | None = None,
+        bank: Any = None,
+        bank_template: str | None = None,
     ) -> None:
         if crop_size < 8:
             raise ConfigError(f"FAMS crop_size must be at least 8, got {crop_size}")
@@ -133,6 +163,18 @@ class FAMS:
                 "build the components with the routing they were trained with"
             )
         self.reference_routing = reference_routing
+        self.bank_path: str | None = None
+        self._bank: Any = None
+        self.bank_template: str | None = None
+        if bank is not None:
+            self._bank = self._load_bank(bank)
+            self.bank_template = bank_template or _bank_template(self._bank)
+            from anonloader.align import TEMPLATES
+
+            if self.bank_template not in TEMPLATES:
+                raise ConfigError(f"FAMS bank_template must be one of {sorted(TEMPLATES)}, got {self.bank_template!r}")
+        elif bank_template is not None:
+            raise ConfigError("FAMS bank_template is for identity mode; pass bank= too")
         self._overrides = {
             "anonymization_degree": anonymization_degree,
             "swap_degree": swap_degree,
@@ -148,6 +190,65 @@ class FAMS:
         self._settings: SamplingSettings | None = None
         if components is not None:
             components.to(dtype=_DTYPES[self.dtype])
+
+    def _load_bank(self, bank: Any) -> Any:
+        from anonloader.identity.bank import IdentityBank
+
+        if isinstance(bank, (str, os.PathLike)):
+            self.bank_path = str(bank)
+            bank = IdentityBank.load(bank)
+        if getattr(bank, "images", None) is None:
+            raise ConfigError(
+                "FAMS identity mode swaps in the bank image of each face's synthetic identity, but this bank holds "
+                "embeddings only; build one with images (IdentityBank.from_folder(..., keep_images=True) or "
+                "IdentityBank.from_method(...)), or drop bank= to anonymize with the degree d"
+            )
+        return bank
+
+    @property
+    def bank(self) -> Any:
+        """The identity bank of identity mode, or None."""
+        if self._bank is None and self.bank_path is not None:
+            self._bank = self._load_bank(self.bank_path)
+        return self._bank
+
+    def bank_sources(self, synthetic_ids: list[int | None]) -> torch.Tensor:
+        """The source faces of identity mode: the bank image of each synthetic id, aligned to
+        FAMS's ``ffhq`` template.
+
+        Args:
+            synthetic_ids: ``F`` bank indices (from the pipeline's identity assigner).
+
+        Returns:
+            ``F,3,R,R float32 in [0,1]`` on the CPU (``R``: ``settings.resolution``; a bank
+            already in the ``ffhq`` template keeps its own size, resized when sampling).
+
+        Raises:
+            MethodError: a face without a synthetic id, or an id outside the bank.
+        """
+        bank = self.bank
+        if bank is None:
+            raise MethodError("FAMS has no identity bank (pass bank=)")
+        missing = [i for i, s in enumerate(synthetic_ids) if s is None]
+        if missing:
+            raise MethodError(
+                f"FAMS identity mode needs a synthetic id per face; faces {missing[:5]} have none. Run it with an "
+                "identity assigner over the same bank, e.g. identity=KeyedIdentityAssigner(..., bank=bank)"
+            )
+        ids = [int(s) for s in synthetic_ids]  # type: ignore[arg-type]
+        outside = sorted({s for s in ids if not 0 <= s < len(bank)})
+        if outside:
+            raise MethodError(f"FAMS identity mode: synthetic ids {outside[:5]} are outside the bank of {len(bank)}; the assigner must map into the same bank")
+        images = bank.images[ids]
+        if self.bank_template == "ffhq":
+            return images.clone()
+        from anonloader.align import align_faces, template_points
+
+        size = images.shape[-1]
+        landmarks = template_points(size, str(self.bank_template)).unsqueeze(0)
+        detections = [Detections(torch.zeros(1, 4), landmarks, torch.ones(1)) for _ in ids]
+        aligned = align_faces(list(images), detections, crop_size=self.settings.resolution, template=self.template, padding_mode="reflection")
+        return aligned.crops.clamp(0, 1)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -231,12 +332,14 @@ class FAMS:
 
     # ---------------------------------------------------------------- the Method protocol
     def __call__(self, crops: torch.Tensor, conditions: FaceConditions) -> torch.Tensor:
-        """Anonymizes (or, with ``conditions.extra["source_images"]``, face-swaps) aligned crops.
+        """Anonymizes aligned crops; in identity mode (``bank=``) or with
+        ``conditions.extra["source_images"]``, face-swaps them.
 
         Args:
             crops: ``F,3,S,S float32 in [0,1]`` aligned with the ``ffhq`` template.
-            conditions: ``seeds`` (one per crop) drive all randomness; ``extra["source_images"]``
-                (optional) ``F,3,S',S' float in [0,1]`` source faces for face swap.
+            conditions: ``seeds`` (one per crop) drive all randomness; ``synthetic_ids`` pick the
+                bank images in identity mode; ``extra["source_images"]`` (optional)
+                ``F,3,S',S' float in [0,1]`` explicit source faces for face swap.
 
         Returns:
             ``F,3,S,S float32 in [0,1]`` on the crops' device.
@@ -248,6 +351,10 @@ class FAMS:
         source = conditions.extra.get("source_images") if conditions.extra else None
         if source is not None and not isinstance(source, torch.Tensor):
             source = torch.stack(list(source))
+        if self.bank is not None:
+            if source is not None:
+                raise MethodError("FAMS got source_images in identity mode (bank=); use one or the other")
+            source = self.bank_sources(list(conditions.synthetic_ids))
         try:
             out = self.generate(crops, list(conditions.seeds), source=source)
         except AnonloaderError:
@@ -318,6 +425,9 @@ class FAMS:
                 "resize": "pil_uint8_bicubic",
             },
             "reference_routing": routing,
+            "identity": None
+            if self.bank is None
+            else {"bank": self.bank.fingerprint(), "bank_template": self.bank_template, "source": "bank image of synthetic_id"},
             "vae_latents": "posterior_mean",
         }
 
@@ -330,6 +440,8 @@ class FAMS:
         state = dict(self.__dict__)
         if not self._given_components:
             state["_components"] = None  # reloaded from files / rebuilt from the seed where unpickled
+        if self.bank_path is not None:
+            state["_bank"] = None  # reloaded (and its fingerprint checked) from its folder
         return state
 
     def __repr__(self) -> str:
