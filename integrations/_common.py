@@ -96,9 +96,10 @@ def anonymize_sample(
 
 
 def as_keys(keys: Hashable | Sequence[Hashable] | None) -> list[Hashable] | None:
-    """One key (a string, a position or a tuple path) or a list of them -> a list, or None."""
+    """One key (a string or a position) or a list / tuple of keys -> a list, or None. A tuple
+    path such as ``("views", 1)`` is one key only inside a list: ``[("views", 1)]``."""
     if keys is None:
         return None
-    if isinstance(keys, (str, int, tuple)):
+    if isinstance(keys, (str, int)):
         return [keys]
     return list(keys)

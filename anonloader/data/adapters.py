@@ -52,8 +52,9 @@ What is anonymized, and what is refused:
 - Encoded images with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` are refused before they
   are decoded (:class:`~anonloader.errors.ImageTooLargeError`).
 
-Objects of other types (strings, numbers, ``None``, user classes) are left as they are: the
-walker does not look inside them.
+Objects of other types (strings, numbers, ``None``, user classes, dataclasses) are left as
+they are: the walker does not look inside them. Python lists of numbers are never images
+(convert pixel data to arrays).
 """
 
 from __future__ import annotations
@@ -352,7 +353,9 @@ def _from_array(
     if isinstance(value, np.ndarray):
         _check_dtype(value.dtype.name, where)  # before torch sees dtypes it has no type for
         native = value.astype(value.dtype.newbyteorder("=")) if value.dtype.byteorder == ">" else value
-        tensor = torch.from_numpy(native if native.flags.writeable else native.copy())
+        if not native.flags.writeable or any(stride < 0 for stride in native.strides):
+            native = native.copy()  # torch takes neither read-only nor negatively strided memory
+        tensor = torch.from_numpy(native)
     else:
         tensor = value.detach()
         if type(tensor) is not torch.Tensor:

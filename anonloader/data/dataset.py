@@ -302,8 +302,8 @@ def anonymize(
             rule: :mod:`anonloader.data.adapters`).
         method: method name or instance (see :func:`anonloader.get_method`), or a ready
             :class:`~anonloader.pipeline.Anonymizer`.
-        image_key: dict key(s), tuple position(s) or tuple paths such as ``("views", 1)`` of
-            the images; they are decoded whatever they look like, and any *other* image-like
+        image_key: dict key(s) or tuple position(s) of the images, or paths to nested ones
+            given in a list (``[("views", 1)]``); they are decoded whatever they look like, and any *other* image-like
             field is then an error (name it here or in ``passthrough_keys``). Default: every
             image-like field is anonymized.
         passthrough_keys: fields (same forms) that cannot show a face and are left as they
@@ -359,9 +359,10 @@ def anonymize(
 
 
 def _as_keys(keys: Hashable | Sequence[Hashable] | None) -> list[Hashable] | None:
-    """One key (a string, a position or a tuple path) or a list of them -> a list, or None."""
+    """One key (a string or a position) or a list / tuple of keys -> a list, or None. A tuple
+    path such as ``("views", 1)`` is one key only inside a list: ``[("views", 1)]``."""
     if keys is None:
         return None
-    if isinstance(keys, (str, int, tuple)):
+    if isinstance(keys, (str, int)):
         return [keys]
     return list(keys)

@@ -303,3 +303,12 @@ def test_oversized_encoded_images_are_refused_before_decoding(monkeypatch):
 def test_refused_arrays_name_sample_field_and_remedy(value, message):
     with pytest.raises(UnsupportedImageError, match=r"sample 1 / field \[0\]\['x'\]: .*" + message):
         split_sample([{"x": value}], index=1)
+
+
+def test_mirrored_views_and_read_only_arrays_are_read():
+    rgb = _rgb_array()
+    frozen = rgb.copy()
+    frozen.flags.writeable = False
+    images, _ = split_sample((rgb[:, ::-1], frozen))
+    expected = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
+    assert torch.equal(images[0].tensor, expected.flip(2)) and torch.equal(images[1].tensor, expected)
