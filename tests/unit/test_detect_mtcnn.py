@@ -28,7 +28,7 @@ def astronaut_small(astronaut_image) -> torch.Tensor:
 
 def test_follows_the_protocol(detector):
     assert isinstance(detector, Detector)
-    assert load_detector().__class__ is MTCNNDetector
+    assert load_detector("mtcnn").__class__ is MTCNNDetector
     assert isinstance(load_detector("MTCNN", min_score=0.9), MTCNNDetector)
 
 
