@@ -48,8 +48,8 @@ class HFAnonymizeFunction:
         label_column: column whose value is the identity label (``label`` strategy), or None.
         mark_dropped: add a boolean column saying which rows were dropped (``"map"`` mode).
         passthrough_columns: columns that hold no face, left as they are whatever they hold.
-        array_columns: columns of ``ArrayND`` features; their nested lists are read as arrays
-            (and image ones come back as numpy arrays).
+        array_columns: ``{column: dtype}`` of the ``ArrayND`` features; their nested lists are
+            read as arrays of that dtype (and image ones come back as numpy arrays).
         alpha_channel: arrays with 2 or 4 channels carry alpha in the last one.
     """
 
@@ -61,7 +61,7 @@ class HFAnonymizeFunction:
         *,
         mark_dropped: bool = False,
         passthrough_columns: Sequence[str] | None = None,
-        array_columns: Sequence[str] | None = None,
+        array_columns: dict[str, str] | None = None,
         alpha_channel: bool = False,
     ) -> None:
         self.stage = stage
@@ -69,7 +69,7 @@ class HFAnonymizeFunction:
         self.label_column = label_column
         self.mark_dropped = mark_dropped
         self.passthrough_columns = list(passthrough_columns or [])
-        self.array_columns = list(array_columns or [])
+        self.array_columns = dict(array_columns or {})
         self.alpha_channel = alpha_channel
 
     def _row(self, row: dict[str, Any], index: int) -> dict[str, Any] | None:
@@ -79,9 +79,9 @@ class HFAnonymizeFunction:
             if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
                 with open(value["path"], "rb") as handle:  # Image(decode=False) on local files
                     row[column] = {"bytes": handle.read(), "path": value["path"]}
-        for column in self.array_columns:
+        for column, dtype in self.array_columns.items():
             if row.get(column) is not None and column not in self.passthrough_columns:
-                row[column] = np.asarray(row[column])
+                row[column] = np.asarray(row[column], dtype=dtype)
         label = row[self.label_column] if self.label_column else None
         keys = [c for c in self.image_columns if row[c] is not None]
         out, _ = anonymize_sample(
@@ -118,11 +118,11 @@ class HFAnonymizeFunction:
         return out
 
 
-def _array_columns(ds: Any) -> list[str]:
+def _array_columns(ds: Any) -> dict[str, str]:
     import datasets
 
     kinds = tuple(getattr(datasets, name) for name in ("Array2D", "Array3D", "Array4D", "Array5D") if hasattr(datasets, name))
-    return [name for name, feature in ds.features.items() if isinstance(feature, kinds)]
+    return {name: feature.dtype for name, feature in ds.features.items() if isinstance(feature, kinds)}
 
 
 def _image_columns(ds: Any, image_column: str | Sequence[str] | None) -> list[str]:

@@ -93,7 +93,11 @@ def anonymize_samples(
             )
         except Exception as exn:  # noqa: BLE001 - the handler decides, as in webdataset's own stages
             if isinstance(sample, dict) and "__key__" in sample:
-                exn.args = (*exn.args, f"webdataset sample {sample['__key__']!r}")
+                where = f"webdataset sample {sample['__key__']!r}"
+                if len(exn.args) == 1 and isinstance(exn.args[0], str):
+                    exn.args = (f"{exn.args[0]} ({where})",)  # str(exn) stays one readable message
+                else:
+                    exn.args = (*exn.args, where)
             if handler(exn):
                 continue
             break

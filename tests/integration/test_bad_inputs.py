@@ -256,3 +256,39 @@ def test_torchvision_transform_anonymizes_every_image_like_leaf():
         assert change > 2
     with pytest.raises(UnsupportedImageError, match="4 channels"):
         transform((PHOTO, np.dstack([RGB, NIR])))
+
+
+def _changed(before: Any, after: Any) -> bool:
+    before, after = _pixels(before).astype(float), _pixels(after).astype(float)
+    return after.shape == before.shape and np.abs(before[ROWS, COLS] - after[ROWS, COLS]).mean() > 2
+
+
+def test_hugging_face_columns_beside_the_image_column():
+    import datasets
+
+    from anonloader.integrations.huggingface import anonymize_hf
+
+    features = datasets.Features(
+        {"image": datasets.Image(), "second": datasets.Image(), "array": datasets.Array3D((SIZE, SIZE, 3), "uint8")}
+    )
+    ds = datasets.Dataset.from_dict({"image": [PHOTO], "second": [PHOTO], "array": [RGB]}, features=features)
+    anonymizer = Anonymizer("pixelate", on_error="raise")
+    with pytest.raises(UnsupportedImageError, match=r"sample 0 / field \['second'\]: .*image_key= names only"):
+        anonymize_hf(ds, "image", anonymizer=anonymizer)[0]
+    row = anonymize_hf(ds, ["image", "second", "array"], anonymizer=anonymizer)[0]
+    assert all(_changed(PHOTO, row[column]) for column in ("image", "second", "array"))
+    assert isinstance(row["array"], np.ndarray) and row["array"].dtype == np.uint8
+    kept = anonymize_hf(ds, "image", anonymizer=anonymizer, passthrough_columns=["second", "array"])[0]
+    assert _changed(PHOTO, kept["image"]) and not _changed(PHOTO, kept["second"])
+
+
+def test_webdataset_nested_and_undeclared_entries():
+    from anonloader.integrations import webdataset as anon_wds
+
+    stage = anon_wds.anonymize(Anonymizer("pixelate", on_error="raise"))
+    sample = {"__key__": "a", "png": _png(PHOTO), "views.pyd": {"left": RGB.copy()}, "cls": b"3"}
+    (out,) = list(stage([sample]))
+    assert _changed(sample["png"], out["png"]) and _changed(RGB, out["views.pyd"]["left"]) and out["cls"] == b"3"
+    strict = anon_wds.anonymize(Anonymizer("pixelate", on_error="raise"), image_key="png")
+    with pytest.raises(UnsupportedImageError, match=r"field \['views.pyd'\]\['left'\]"):
+        list(strict([sample]))
