@@ -265,7 +265,6 @@ def _changed(before: Any, after: Any) -> bool:
 
 def test_hugging_face_columns_beside_the_image_column():
     import datasets
-
     from anonloader.integrations.huggingface import anonymize_hf
 
     features = datasets.Features(
