@@ -134,7 +134,7 @@ class LatentIDSampler:
             loss.backward()
             optimizer.step()
             schedule.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         self.model.eval()
         self.trained_steps += steps
         return losses

@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "mask": "anonloader.methods.classical:SolidMask",
     "fams": "anonloader.methods.fams:FAMS",
     "iddiffuse": "anonloader.methods.iddiffuse:IDDiffuse",
+    "diffdeid": "anonloader.methods.diffdeid:DiffDeID",
 }
 
 

@@ -82,9 +82,10 @@ class RhoLayout:
 
     @classmethod
     def from_dict(cls, parts: dict[str, int]) -> RhoLayout:
-        if list(parts) != list(RHO_PARTS):
-            raise ConfigError(f"ρ parts must be {list(RHO_PARTS)} in that order, got {list(parts)}")
-        return cls(tuple((k, int(v)) for k, v in parts.items()))
+        """Sizes by name (any key order: JSON configs are stored sorted); laid out as α, β, δ, γ, p, ω."""
+        if set(parts) != set(RHO_PARTS):
+            raise ConfigError(f"ρ parts must be {list(RHO_PARTS)}, got {list(parts)}")
+        return cls(tuple((k, int(parts[k])) for k in RHO_PARTS))
 
     @property
     def dim(self) -> int:
