@@ -68,14 +68,25 @@ def test_trainer_with_accumulation_and_curriculum_runs():
     torch.manual_seed(0)
     module = FAMSTrainingModule(build_tiny_components(0), learning_rate=1e-4)
     data = CurriculumTripletData(_records(2), switch_epoch=1, batch_size=2)
+
+    class ServedStages(L.Callback):  # what the trainer really iterated, batch by batch
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            dataset = trainer.train_dataloader.dataset
+            self.seen.append((trainer.current_epoch, dataset.stage, len(dataset)))
+
+    served = ServedStages()
     trainer = L.Trainer(
-        max_epochs=2, accumulate_grad_batches=2, reload_dataloaders_every_n_epochs=1, accelerator="cpu",
+        max_epochs=2, accumulate_grad_batches=2, reload_dataloaders_every_n_epochs=1, accelerator="cpu", callbacks=[served],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     before = module.unet.conv_in.weight.detach().clone()
     trainer.fit(module, datamodule=data)
     assert not torch.equal(before, module.unet.conv_in.weight)
-    assert data.stage_at(0) == "mixed" and data.stage_at(1) == "synthetic_driving"
+    # epoch 0 served the mixed stage (4 triplets: 2 batches), epoch 1 synthesized driving only (2: 1 batch)
+    assert served.seen == [(0, "mixed", 4), (0, "mixed", 4), (1, "synthetic_driving", 2)]
 
 
 def test_curriculum_triplets():

@@ -154,7 +154,7 @@ class TripletDataset(Dataset):
     def __init__(self, records: Sequence[SwapRecord], stage: Stage = "mixed") -> None:
         if stage not in ("mixed", "synthetic_driving"):
             raise ValueError(f"stage must be 'mixed' or 'synthetic_driving', got {stage!r}")
-        self.records = list(records)
+        self.records = records  # any sequence; a SwapRecordFolder reads each record when asked
         self.stage = stage
 
     def __len__(self) -> int:
@@ -175,7 +175,7 @@ class CurriculumTripletData(L.LightningDataModule):
 
     def __init__(self, records: Sequence[SwapRecord], *, switch_epoch: int, batch_size: int = 1, num_workers: int = 0) -> None:
         super().__init__()
-        self.records = list(records)
+        self.records = records
         self.switch_epoch = switch_epoch
         self.batch_size = batch_size
         self.num_workers = num_workers
