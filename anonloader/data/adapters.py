@@ -52,14 +52,17 @@ What is anonymized, and what is refused:
 - Encoded images with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` are refused before they
   are decoded (:class:`~anonloader.errors.ImageTooLargeError`).
 
-Objects of other types (strings, numbers, ``None``, user classes, dataclasses) are left as
-they are: the walker does not look inside them. Python lists of numbers are never images
-(convert pixel data to arrays).
+Containers walked: tuples, lists, dicts (named tuples and subclasses kept), dataclass
+instances (fields, shown as ``.name`` in paths) and numpy object arrays. Objects of other
+types (strings, numbers, ``None``, other classes) are left as they are: the walker does not
+look inside them. Python lists of numbers are never images (convert pixel data to arrays).
+torchvision's ``Mask``, ``BoundingBoxes`` and ``KeyPoints`` are never images.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import warnings
 from collections.abc import Callable, Hashable, Sequence
@@ -183,9 +186,35 @@ class SourceImage:
         return state
 
 
+class _Attribute(str):
+    """A dataclass field's name in a path: equal to the plain name, shown as ``.name``."""
+
+    __slots__ = ()
+
+
 def field_name(path: Sequence[Hashable]) -> str:
-    """``("views", 1)`` -> ``"['views'][1]"``; ``()`` -> ``""`` (the sample itself)."""
-    return "".join(f"[{part!r}]" for part in path)
+    """``("views", 1)`` -> ``"['views'][1]"``; ``()`` -> ``""`` (the sample itself); dataclass
+    fields show as ``.name``."""
+    return "".join(f".{part}" if isinstance(part, _Attribute) else f"[{part!r}]" for part in path)
+
+
+def _is_dataclass_instance(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _is_object_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype == object
+
+
+def _is_container(value: Any) -> bool:
+    return isinstance(value, (dict, tuple, list)) or _is_dataclass_instance(value) or _is_object_array(value)
+
+
+def _framework_non_image(value: Any) -> bool:
+    """torchvision's masks, boxes and keypoints: geometry and labels, never pictures (checked
+    by name so that importing anonloader does not import torchvision)."""
+    kind = type(value)
+    return kind.__module__.startswith("torchvision.tv_tensors") and kind.__name__ in ("Mask", "BoundingBoxes", "KeyPoints")
 
 
 def _dtype_name(value: torch.Tensor | np.ndarray) -> str:
@@ -461,8 +490,12 @@ def _normalise_key(key: Hashable, sample: Any) -> tuple[Hashable, ...]:
 def _resolve(sample: Any, path: tuple[Hashable, ...]) -> bool:
     value = sample
     for part in path:
-        if isinstance(value, dict) and part in value or isinstance(value, (tuple, list)) and isinstance(part, int) and 0 <= part < len(value):
+        in_dict = isinstance(value, dict) and part in value
+        in_sequence = isinstance(value, (tuple, list)) and isinstance(part, int) and 0 <= part < len(value)
+        if in_dict or in_sequence:
             value = value[part]
+        elif _is_dataclass_instance(value) and part in {f.name for f in dataclasses.fields(value)}:
+            value = getattr(value, str(part))
         else:
             return False
     return True
@@ -485,6 +518,7 @@ class _Walker:
         self.strict = strict
         self.skip = skip
         self.images: list[SourceImage] = []
+        self.active: set[int] = set()  # containers on the current path (reference cycles)
 
     def _take(self, value: Any, path: tuple[Hashable, ...], declared: bool) -> ImageSlot:
         where = _Where(self.index, field_name(path))
@@ -534,15 +568,23 @@ class _Walker:
             return value
         forced = self.image_paths is not None and path in self.image_paths
         declared = declared or forced
-        if self.skip is not None and self.skip(value):
+        if _framework_non_image(value) or (self.skip is not None and self.skip(value)):
             return value
         if isinstance(value, Image.Image) or (_is_bytes(value) and (forced or _sniff(bytes(value)))):
             return self._take(value, path, declared)
         if _is_hf_image(value) and (forced or _sniff(bytes(value["bytes"]))):
             return self._take(value, path, declared)
-        if isinstance(value, (dict, tuple, list)):
+        if _is_container(value):
+            if id(value) in self.active:
+                raise _Where(self.index, field_name(path)).error(
+                    InputError, "the sample contains itself (a reference cycle); samples must be trees"
+                )
             before = len(self.images)
-            skeleton = self._walk_container(value, path, declared)
+            self.active.add(id(value))
+            try:
+                skeleton = self._walk_container(value, path, declared)
+            finally:
+                self.active.discard(id(value))
             if forced and len(self.images) == before:
                 raise _Where(self.index, field_name(path)).error(
                     UnsupportedImageError, f"image_key= names this field but it holds no image ({_describe(value)})"
@@ -557,6 +599,26 @@ class _Walker:
         return value
 
     def _walk_container(self, value: Any, path: tuple[Hashable, ...], declared: bool) -> Any:
+        if _is_dataclass_instance(value):
+            changed = {}
+            for item in dataclasses.fields(value):
+                inner = getattr(value, item.name, None)
+                out = self.walk(inner, (*path, _Attribute(item.name)), declared)
+                if out is not inner:
+                    changed[item.name] = out
+            return _replace_fields(value, changed) if changed else value
+        if _is_object_array(value):
+            cells = {}
+            for at in np.ndindex(value.shape):
+                out = self.walk(value[at], (*path, at), declared)
+                if out is not value[at]:
+                    cells[at] = out
+            if not cells:
+                return value
+            skeleton = value.copy()
+            for at, out in cells.items():
+                skeleton[at] = out
+            return skeleton
         if isinstance(value, dict):
             changed = {}
             for key, item in value.items():
@@ -579,6 +641,15 @@ class _Walker:
             return type(value)(items)
         except TypeError:
             return list(items) if isinstance(value, list) else tuple(items)
+
+
+def _replace_fields(value: Any, changed: dict[str, Any]) -> Any:
+    """A shallow copy of dataclass ``value`` with ``changed`` fields (bypassing ``__init__``,
+    ``__post_init__`` checks and ``frozen``: a skeleton holds slots where images were)."""
+    out = copy.copy(value)
+    for name, item in changed.items():
+        object.__setattr__(out, name, item)
+    return out
 
 
 def split_sample(
@@ -704,6 +775,10 @@ def iter_slots(skeleton: Any) -> list[ImageSlot]:
     """Every :class:`ImageSlot` of a skeleton, at any depth, in walk order."""
     if isinstance(skeleton, ImageSlot):
         return [skeleton]
+    if _is_dataclass_instance(skeleton):
+        return [s for f in dataclasses.fields(skeleton) for s in iter_slots(getattr(skeleton, f.name))]
+    if _is_object_array(skeleton):
+        return [s for v in skeleton.flat for s in iter_slots(v)]
     if isinstance(skeleton, dict):
         return [s for v in skeleton.values() for s in iter_slots(v)]
     if isinstance(skeleton, (tuple, list)):
@@ -730,12 +805,22 @@ def join_sample(
 
     def fill(value: Any) -> Any:
         if isinstance(value, ImageSlot):
-            if sources is not None:
-                first = sources[value.position]
+            original = None if sources is None else sources[value.position].original
+            if original is not None:
                 frames = range(value.position, value.position + value.frames)
-                if first.original is not None and all(_unchanged(sources[k], images[k].detach().cpu().float()) for k in frames):
-                    return first.original
-            return _restore(value, images, alphas)
+                if all(_unchanged(sources[k], images[k].detach().cpu().float()) for k in frames):  # type: ignore[index]
+                    return original
+            restored = _restore(value, images, alphas)
+            if isinstance(original, torch.Tensor) and type(original) is not torch.Tensor:
+                restored = restored.as_subclass(type(original))  # tv_tensors.Image stays an Image
+            return restored
+        if _is_dataclass_instance(value):
+            return _replace_fields(value, {f.name: fill(getattr(value, f.name)) for f in dataclasses.fields(value)})
+        if _is_object_array(value):
+            out = value.copy()
+            for at in np.ndindex(value.shape):
+                out[at] = fill(value[at])
+            return out
         if isinstance(value, dict):
             out = copy.copy(value)
             out.update({k: fill(v) for k, v in value.items()})

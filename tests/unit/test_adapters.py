@@ -312,3 +312,36 @@ def test_mirrored_views_and_read_only_arrays_are_read():
     images, _ = split_sample((rgb[:, ::-1], frozen))
     expected = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
     assert torch.equal(images[0].tensor, expected.flip(2)) and torch.equal(images[1].tensor, expected)
+
+
+def test_dataclasses_object_arrays_and_tv_tensors_are_walked_and_cycles_refused():
+    from dataclasses import dataclass
+
+    from torchvision import tv_tensors
+
+    @dataclass(frozen=True)
+    class Pair:
+        image: torch.Tensor
+        label: int
+
+        def __post_init__(self):
+            assert self.image.ndim == 3  # a check a skeleton slot must not trip
+
+    rgb = _rgb_array()
+    tensor = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+    cells = np.empty(2, dtype=object)
+    cells[0], cells[1] = Image.fromarray(rgb), "caption"
+    mask = tv_tensors.Mask(torch.ones(20, 30, dtype=torch.uint8))
+    sample = {"pair": Pair(tv_tensors.Image(tensor), 3), "cells": cells, "mask": mask}
+    images, skeleton = split_sample(sample, index=0)
+    assert [s.field for s in iter_slots(skeleton)] == ["['pair'].image", "['cells'][(0,)]"]
+    back = join_sample(skeleton, [s.tensor for s in images], [s.alpha for s in images])
+    assert isinstance(back["pair"], Pair) and back["pair"].label == 3
+    assert type(back["pair"].image) is torch.Tensor and torch.equal(back["pair"].image, tensor)
+    back = join_sample(skeleton, [s.tensor * 0.5 for s in images], None, images)
+    assert type(back["pair"].image) is tv_tensors.Image  # a changed image keeps its tensor subclass
+    assert isinstance(back["cells"][0], Image.Image) and back["cells"][1] == "caption" and back["mask"] is mask
+    loop: list = [Image.fromarray(rgb)]
+    loop.append(loop)
+    with pytest.raises(InputError, match=r"sample 1 / field \[1\]: .*contains itself"):
+        split_sample(loop, index=1)
