@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
-from anonloader.errors import ConfigError
+from anonloader.errors import AnonloaderError, ConfigError, UnsupportedImageError
 
 __all__ = ["anonymize_sample", "as_keys", "build_stage", "resolve_anonymizer"]
 
@@ -92,7 +92,18 @@ def anonymize_sample(
     processed = stage.process(index, images, labels)
     if any(p.image is None for p in processed):
         return None, processed
-    return join_sample(skeleton, [p.image for p in processed], [s.alpha for s in images], images), processed
+    try:
+        out = join_sample(skeleton, [p.image for p in processed], [s.alpha for s in images], images)
+    except AnonloaderError:
+        raise
+    except Exception as error:
+        fields = ", ".join(s.slot.field or "(the sample)" for s in images)
+        raise UnsupportedImageError(
+            f"the anonymized images ({fields}) could not be written back in their own type "
+            f"({type(error).__name__}: {error}); convert the images to PNG or arrays first",
+            index=index,
+        ) from error
+    return out, processed
 
 
 def as_keys(keys: Hashable | Sequence[Hashable] | None) -> list[Hashable] | None:

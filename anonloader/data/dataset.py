@@ -39,6 +39,7 @@ from anonloader.errors import (
     ImageTooLargeError,
     InputError,
     MethodError,
+    UnsupportedImageError,
 )
 from anonloader.types import Detections
 
@@ -54,6 +55,7 @@ __all__ = [
     "collate_skip_dropped",
     "prepare_sample",
     "read_sample",
+    "restore_sample",
 ]
 
 CacheMode = Literal["read-through", "read-only", "write-only"]
@@ -184,6 +186,45 @@ def read_sample(read: Callable[[], Any], index: int) -> Any:
         ) from error
     except UnidentifiedImageError as error:
         raise ImageDecodeError(f"the dataset could not read its image ({error}); remove or replace the file", index=index) from error
+    except (OSError, SyntaxError, ValueError) as error:
+        if not _raised_in_pil(error):
+            raise
+        raise ImageDecodeError(
+            f"the dataset could not read its image ({type(error).__name__}: {error}); the file is corrupt or "
+            "truncated: re-download, remove or replace it",
+            index=index,
+        ) from error
+
+
+def _raised_in_pil(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside PIL (a decoder), not in the dataset's own code."""
+    trace = error.__traceback__
+    module = ""
+    while trace is not None:
+        module = trace.tb_frame.f_globals.get("__name__", "")
+        trace = trace.tb_next
+    return module == "PIL" or module.startswith("PIL.")
+
+
+def restore_sample(index: int, prepared: PreparedSample, images: Sequence[Any]) -> Any:
+    """The sample of ``prepared`` with its anonymized ``images`` (``3,H,W float in [0,1]``, one
+    per :class:`SourceImage`) put back in their own types.
+
+    Raises:
+        UnsupportedImageError: an image cannot be written back as it came (e.g. an encoded
+            format PIL reads but cannot write), naming the sample and the field.
+    """
+    try:
+        return join_sample(prepared.skeleton, images, [s.alpha for s in prepared.images], prepared.images)
+    except AnonloaderError:
+        raise
+    except Exception as error:
+        fields = ", ".join(s.slot.field or "(the sample)" for s in prepared.images)
+        raise UnsupportedImageError(
+            f"the anonymized images ({fields}) could not be written back in their own type "
+            f"({type(error).__name__}: {error}); convert the images to PNG or arrays in the dataset",
+            index=index,
+        ) from error
 
 
 class _Wrapper:
@@ -222,16 +263,14 @@ class _Wrapper:
                 alpha_channel=self.alpha_channel,
             )
             processed = self.stage.process(index, prepared.images, prepared.labels, prepared.detections)
+            if any(p.image is None for p in processed):
+                return None
+            return restore_sample(index, prepared, [p.image for p in processed])
         except PER_SAMPLE_ERRORS as error:
             if not self.drop_bad_input:
                 raise
             logger.warning("dropped sample %d (on_error='drop'): %s: %s", index, type(error).__name__, error)
             return None
-        if any(p.image is None for p in processed):
-            return None
-        return join_sample(
-            prepared.skeleton, [p.image for p in processed], [s.alpha for s in prepared.images], prepared.images
-        )
 
     def __getattr__(self, name: str) -> Any:
         # attributes of the wrapped dataset (classes, targets, ...) stay reachable

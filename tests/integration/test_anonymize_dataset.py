@@ -150,3 +150,40 @@ def test_given_detections_per_image_type(astronaut_pil):
         [astronaut_pil], detector=None, annotations=lambda s: Detections.empty(), on_no_face="drop"
     )
     assert wrapped[0] is None
+
+
+def test_truncated_files_and_raising_callables_are_named_per_sample_errors(tmp_path, astronaut_pil):
+    from torchvision.datasets import ImageFolder
+
+    from anonloader.errors import InputError
+
+    (tmp_path / "people").mkdir()
+    small = astronaut_pil.resize((64, 64))
+    small.save(tmp_path / "people" / "a.jpg", quality=90)
+    data = (tmp_path / "people" / "a.jpg").read_bytes()
+    (tmp_path / "people" / "b.jpg").write_bytes(data[: len(data) // 2])  # PIL raises inside ImageFolder's loader
+    with pytest.raises(ImageDecodeError, match="sample 1: .*corrupt or truncated"):
+        anonloader.anonymize(ImageFolder(tmp_path), method="blur")[1]
+    assert anonloader.anonymize(ImageFolder(tmp_path), method="blur", on_error="drop")[1] is None
+
+    def broken_label(sample):
+        return sample["who"]  # KeyError: the samples have no such field
+
+    wrapped = anonloader.anonymize([{"image": small}], method="blur", identity_label=broken_label)
+    with pytest.raises(InputError, match="sample 0: identity_label\\(sample\\) raised KeyError"):
+        wrapped[0]
+
+
+def test_passthrough_keys_and_alpha_channel_through_anonymize(astronaut_pil):
+    from anonloader.errors import UnsupportedImageError
+
+    small = np.asarray(astronaut_pil.resize((128, 128)))
+    depth = np.linspace(0, 1, 128 * 128, dtype=np.float32).reshape(128, 128)
+    rgbx = np.dstack([small, (depth * 255).astype(np.uint8)])
+    sample = {"image": rgbx, "depth": depth}
+    with pytest.raises(UnsupportedImageError, match="field \\['image'\\]: .*4 channels"):
+        anonloader.anonymize([sample], method="pixelate")[0]
+    out = anonloader.anonymize([sample], method="pixelate", passthrough_keys=["depth"], alpha_channel=True)[0]
+    assert out["depth"] is depth and out["image"].shape == rgbx.shape
+    assert np.array_equal(out["image"][:, :, 3], rgbx[:, :, 3])
+    assert _face_change(small, out["image"][:, :, :3], (40, 15, 90, 57)) > 2
