@@ -34,7 +34,8 @@ What looks like an image (the ambiguity rule):
 
   So label vectors, one-hot rows, class-id maps, boxes ``N,4`` and landmarks ``N,2`` /
   ``5,2`` / ``N,5,2`` are never taken for images, while an embedding matrix with both sides
-  >= 16 is (declare it in ``passthrough_keys``).
+  >= 16 is (declare it in ``passthrough_keys``). A field named in ``image_keys`` is read by
+  the same rule without the size limit (channels-first wins where both ends could be C).
 
 What is anonymized, and what is refused:
 
