@@ -221,3 +221,27 @@ def test_paper_and_release_defaults_are_pinned():
     assert SD21_SCHEDULER_CONFIG["prediction_type"] == "v_prediction"
     assert (SD21_SCHEDULER_CONFIG["beta_schedule"], SD21_SCHEDULER_CONFIG["num_train_timesteps"]) == ("scaled_linear", 1000)
     assert _fams().components.reference_routing == "released"
+
+
+@torch.no_grad()
+def test_latent_sampling_draws_the_posterior_from_the_faces_own_generator(crops):
+    """``latent_sampling="sample"``: the source ReferenceNet gets mean + std * eps with eps from the
+    generator seeded seed ^ LATENT_SEED_SALT (source first, then driving), nothing else moves."""
+    from anonloader.methods.fams.pipeline import LATENT_SEED_SALT
+
+    fams = _fams(latent_sampling="sample", guidance_scale=1.0)
+    components = fams.components
+    given = []
+    handle = components.referencenet.register_forward_pre_hook(lambda module, args: given.append(args[0].clone()))
+    try:
+        out = fams.generate(crops, [5, 6])
+    finally:
+        handle.remove()
+    posterior = components.vae.encode(crops * 2 - 1).latent_dist
+    eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(s ^ LATENT_SEED_SALT)) for s in (5, 6)])
+    expected = (posterior.mean + posterior.std * eps) * components.vae.config.scaling_factor
+    sources = [g for g in given if g.shape[0] == 2]
+    torch.testing.assert_close(sources[0], expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(fams.generate(crops, [5, 6]), out)  # deterministic per face
+    assert not torch.equal(_fams(guidance_scale=1.0).generate(crops, [5, 6]), out)  # the mean differs
+    assert fams.config()["sampling"]["latent_sampling"] == "sample"

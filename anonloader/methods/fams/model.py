@@ -56,7 +56,7 @@ def _bank_template(bank: Any) -> str:
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_SETTING_NAMES = ("anonymization_degree", "swap_degree", "guidance_scale", "num_inference_steps", "sampler", "resolution")
+_SETTING_NAMES = ("anonymization_degree", "swap_degree", "guidance_scale", "num_inference_steps", "sampler", "resolution", "latent_sampling")
 _TINY_RESOLUTION = 16
 
 
@@ -91,7 +91,7 @@ class FAMS:
         components: ready networks (then ``weights`` is ignored).
         crop_size: side of the crops asked of the aligner (the output has the input's size).
         anonymization_degree, swap_degree, guidance_scale, num_inference_steps, sampler,
-            resolution: see :class:`~anonloader.methods.fams.pipeline.SamplingSettings`;
+            resolution, latent_sampling: see :class:`~anonloader.methods.fams.pipeline.SamplingSettings`;
             ``None`` takes the value saved with the weights, else the paper's defaults
             (``resolution``: 512, tiny models 16).
         device: where the networks run; ``None`` follows the crops.
@@ -132,6 +132,7 @@ class FAMS:
         num_inference_steps: int | None = None,
         sampler: str | None = None,
         resolution: int | None = None,
+        latent_sampling: str | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         attention_backend: str | None = None,
@@ -182,6 +183,7 @@ class FAMS:
             "num_inference_steps": num_inference_steps,
             "sampler": sampler,
             "resolution": resolution,
+            "latent_sampling": latent_sampling,
         }
         SamplingSettings(**{k: v for k, v in self._overrides.items() if v is not None})  # validates now
         self._given_components = components is not None
@@ -428,7 +430,6 @@ class FAMS:
             "identity": None
             if self.bank is None
             else {"bank": self.bank.fingerprint(), "bank_template": self.bank_template, "source": "bank image of synthetic_id"},
-            "vae_latents": "posterior_mean",
         }
 
     # ---------------------------------------------------------------- saving, pickling

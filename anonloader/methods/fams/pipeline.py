@@ -35,7 +35,7 @@ from anonloader.kernels.attention import BlendedStates
 from .attention import clear_reference_states, project_reference_states, route_reference_kv
 from .components import FAMSComponents
 
-__all__ = ["SamplingSettings", "decode_latents", "embed_images", "encode_images", "initial_noise", "make_scheduler", "sample_faces"]
+__all__ = ["LATENT_SEED_SALT", "SamplingSettings", "decode_latents", "embed_images", "encode_images", "initial_noise", "make_scheduler", "sample_faces"]
 
 Sampler = Literal["ddpm", "ddim"]
 
@@ -52,6 +52,10 @@ class SamplingSettings:
         num_inference_steps: denoising steps (paper: 200 with DDPM).
         sampler: ``"ddpm"`` (the paper's) or ``"ddim"`` (deterministic, fewer steps suffice).
         resolution: side in pixels the networks run at (released model: 512).
+        latent_sampling: ``"mean"`` encodes source and driving images to their VAE posterior
+            means; ``"sample"`` draws ``mean + std * eps`` as the authors' code does, with ``eps``
+            from a per-face generator seeded ``seed ^ LATENT_SEED_SALT`` (source first, then
+            driving; deterministic per face, unlike the authors' global generator).
     """
 
     anonymization_degree: float = 1.25
@@ -60,8 +64,11 @@ class SamplingSettings:
     num_inference_steps: int = 200
     sampler: Sampler = "ddpm"
     resolution: int = 512
+    latent_sampling: Literal["mean", "sample"] = "mean"
 
     def __post_init__(self) -> None:
+        if self.latent_sampling not in ("mean", "sample"):
+            raise ConfigError(f"FAMS latent_sampling must be 'mean' or 'sample', got {self.latent_sampling!r}")
         if self.sampler not in ("ddpm", "ddim"):
             raise ConfigError(f"FAMS sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
         if self.num_inference_steps < 1:
@@ -82,12 +89,30 @@ def make_scheduler(scheduler_config: dict[str, Any], sampler: Sampler) -> Any:
     return cls.from_config(config)
 
 
-def encode_images(components: FAMSComponents, images: torch.Tensor) -> torch.Tensor:
-    """``B,3,R,R float in [0,1]`` -> ``B,4,R/f,R/f`` latents (the posterior mean times the VAE's
-    scaling factor; the authors draw a sample, we keep it deterministic)."""
+def encode_images(
+    components: FAMSComponents, images: torch.Tensor, *, sample: bool = False, generators: list[torch.Generator] | None = None
+) -> torch.Tensor:
+    """``B,3,R,R float in [0,1]`` -> ``B,4,R/f,R/f`` latents times the VAE's scaling factor.
+
+    Without ``sample`` the posterior mean; with it ``mean + std * eps`` (what the authors' code
+    does, from torch's global generator), ``eps`` drawn per row from ``generators`` (one CPU
+    generator per image, float32) or, without them, from torch's global generator.
+    """
     vae = components.vae
     posterior = vae.encode(images.to(vae.dtype) * 2 - 1).latent_dist
-    return posterior.mean * vae.config.scaling_factor
+    latents = posterior.mean
+    if sample:
+        if generators is not None:
+            eps = torch.stack([torch.randn(latents.shape[1:], generator=g, dtype=torch.float32) for g in generators])
+        else:
+            eps = torch.randn(latents.shape, dtype=torch.float32, device=latents.device)
+        latents = latents + posterior.std * eps.to(device=latents.device, dtype=latents.dtype)
+    return latents * vae.config.scaling_factor
+
+
+#: Mixed into a face's seed for the generator of its VAE posterior samples, so that
+#: ``latent_sampling="sample"`` leaves the starting and per-step noise as they are.
+LATENT_SEED_SALT = 0x6C6174656E74
 
 
 def decode_latents(components: FAMSComponents, latents: torch.Tensor) -> torch.Tensor:
@@ -166,9 +191,14 @@ def sample_faces(
     guided = settings.guidance_scale > 1.0
 
     # Reference states: once per face, at timestep 0.
-    driving_latents = encode_images(components, driving)
+    if settings.latent_sampling == "sample":
+        latent_generators = [torch.Generator("cpu").manual_seed((int(seed) ^ LATENT_SEED_SALT) & ((1 << 63) - 1)) for seed in seeds]
+        source_latents = encode_images(components, source_images, sample=True, generators=latent_generators)
+        driving_latents = encode_images(components, driving, sample=True, generators=latent_generators)
+    else:
+        driving_latents = encode_images(components, driving)
+        source_latents = driving_latents if source is None else encode_images(components, source_images)
     driving_embeds = embed_images(components, driving)
-    source_latents = driving_latents if source is None else encode_images(components, source_images)
     source_embeds = (driving_embeds if source is None else embed_images(components, source_images)) * (1.0 - degree)  # eq. 1
     source_states = components.source_states(source_latents.to(dtype), source_embeds)  # routed to the UNet's layers
     driving_states = components.driving_states(driving_latents.to(dtype), driving_embeds)

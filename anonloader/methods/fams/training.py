@@ -47,6 +47,8 @@ class FAMSTrainingModule(L.LightningModule):
         learning_rate: AdamW's (paper: 1e-5).
         weight_decay: AdamW's.
         unconditional_probability: share of samples trained without a source (paper: 0.1).
+        latent_sampling: ``"sample"`` (the authors' training: VAE posterior samples, from torch's
+            global generator) or ``"mean"``.
     """
 
     def __init__(
@@ -56,8 +58,12 @@ class FAMSTrainingModule(L.LightningModule):
         learning_rate: float = 1e-5,
         weight_decay: float = 1e-2,
         unconditional_probability: float = 0.1,
+        latent_sampling: str = "sample",
     ) -> None:
         super().__init__()
+        if latent_sampling not in ("mean", "sample"):
+            raise ValueError(f"latent_sampling must be 'mean' or 'sample', got {latent_sampling!r}")
+        self.latent_sampling = latent_sampling
         self.components = components
         self.unet = components.unet
         self.referencenet = components.referencenet
@@ -85,9 +91,10 @@ class FAMSTrainingModule(L.LightningModule):
         source, driving, target = batch["source"], batch["driving"], batch["target"]
         dtype = self.components.dtype
         with torch.no_grad():
-            target_latents = encode_images(self.components, target).to(dtype)
-            source_latents = encode_images(self.components, source).to(dtype)
-            driving_latents = encode_images(self.components, driving).to(dtype)
+            sample = self.latent_sampling == "sample"
+            target_latents = encode_images(self.components, target, sample=sample).to(dtype)
+            source_latents = encode_images(self.components, source, sample=sample).to(dtype)
+            driving_latents = encode_images(self.components, driving, sample=sample).to(dtype)
             source_embeds = embed_images(self.components, source)
             driving_embeds = embed_images(self.components, driving)
         batch_size = target_latents.shape[0]
