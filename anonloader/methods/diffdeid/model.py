@@ -50,7 +50,7 @@ from anonloader.methods.diffdeid.conditions import (
 from anonloader.methods.diffdeid.network import DiffDeIDUNet
 from anonloader.types import FaceConditions
 
-__all__ = ["DiffDeID"]
+__all__ = ["DiffDeID", "embed_faces", "make_scheduler", "state_hash"]
 
 _FORMAT = "anonloader-diffdeid"
 _FORMAT_VERSION = 1
@@ -68,6 +68,24 @@ def state_hash(module: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def embed_faces(embedder: Any, crops: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    """z_id: ``F,3,S,S`` crops in [0,1] and their ``F,5,2`` landmarks (crop pixels) -> ``F,D``
+    vectors of ``embedder`` on the crops warped to the embedder's own template and size."""
+    from anonloader.align import align_faces
+    from anonloader.types import Detections
+
+    crops = crops.detach().float().cpu()
+    if len(crops) == 0:
+        return torch.zeros(0, int(embedder.dim))
+    template = getattr(embedder, "template", "arcface")
+    size = int(getattr(embedder, "crop_size", 112))
+    warped = []
+    for crop, points in zip(crops, landmarks.detach().float().cpu()):
+        det = Detections(torch.tensor([[0.0, 0.0, crop.shape[-1], crop.shape[-2]]]), points[None], torch.ones(1))
+        warped.append(align_faces([crop], [det], crop_size=size, template=template).crops)
+    return embedder(torch.cat(warped)).float()
 
 
 def _seed_for(*parts: object) -> int:
@@ -270,19 +288,7 @@ class DiffDeID:
     def identity_embeddings(self, crops: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """z_id: ``F,3,S,S`` crops in [0,1] and their ``F,5,2`` landmarks (crop pixels) ->
         ``F,D`` embedder vectors of the crops warped to the embedder's template."""
-        from anonloader.align import align_faces
-        from anonloader.types import Detections
-
-        crops = crops.detach().float().cpu()
-        if len(crops) == 0:
-            return torch.zeros(0, int(self.embedder.dim))
-        template = getattr(self.embedder, "template", "arcface")
-        size = int(getattr(self.embedder, "crop_size", 112))
-        warped = []
-        for crop, points in zip(crops, landmarks.detach().float().cpu()):
-            det = Detections(torch.tensor([[0.0, 0.0, crop.shape[-1], crop.shape[-2]]]), points[None], torch.ones(1))
-            warped.append(align_faces([crop], [det], crop_size=size, template=template).crops)
-        return self.embedder(torch.cat(warped)).float()
+        return embed_faces(self.embedder, crops, landmarks)
 
     def _sample_alpha(self, seeds: list[int]) -> torch.Tensor:
         if self.shape_sampler is None:
