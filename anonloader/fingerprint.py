@@ -17,8 +17,9 @@ from typing import Any
 
 __all__ = ["CACHE_FORMAT_VERSION", "canonical_json", "fingerprint_of", "hash_file", "hash_path"]
 
-#: Bumped whenever the bytes a cache stores for the same input would change.
-CACHE_FORMAT_VERSION = 1
+#: Bumped whenever the bytes a cache stores for the same input would change (2: typed records
+#: without pickle, HMAC-authenticated values, training view stored with the sample).
+CACHE_FORMAT_VERSION = 2
 
 
 def _normalize(value: Any) -> Any:

@@ -1,9 +1,16 @@
 """Precompute on a Ray cluster: Ray Data ``map_batches`` over an actor pool.
 
 Each actor holds one copy of the pipeline (models load once per actor) and turns a batch of
-sample indices into packed cache values; GPU actors (``num_gpus=1``) are used when the cluster
+sample indices into sealed cache values; GPU actors (``num_gpus=1``) are used when the cluster
 has GPUs. The driver is the single LMDB writer: it commits every batch it receives in one
 transaction, so an interrupted run resumes from its last commit.
+
+What crosses Ray's object store (which may spill to disk) is bytes at rest in the cache's own
+format: per sample one :func:`~anonloader.cache.format.pack_result` value (plain msgpack of
+values sealed with the MAC key), in a binary column — no pickle of results, and the actors
+hold only the subkeys derived from the secret (``job.keys``), never the secret. The driver
+checks every value's tag again before it commits (a value altered in the object store is
+refused).
 
 Tested on a local cluster (``ray.init(num_cpus=2)``); on a real cluster call ``ray.init``
 with its address before :func:`anonloader.cache.precompute` (an already initialised Ray is
@@ -12,7 +19,6 @@ used as it is).
 
 from __future__ import annotations
 
-import pickle
 from typing import Any
 
 import numpy as np
@@ -21,7 +27,8 @@ __all__ = ["SampleActor", "run_ray"]
 
 
 class SampleActor:
-    """A Ray Data actor: ``{"index": ...}`` batches -> ``{"index", "payload"}`` (pickled results)."""
+    """A Ray Data actor: ``{"index": ...}`` batches -> ``{"index", "payload"}`` (``payload``: one
+    :func:`~anonloader.cache.format.pack_result` bytes value per sample)."""
 
     def __init__(self, job: Any, threads: int = 1) -> None:
         import torch
@@ -32,8 +39,23 @@ class SampleActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = [self.job.compute(int(i)) for i in batch["index"]]
         payload = np.empty(len(results), dtype=object)
-        payload[:] = [pickle.dumps(r, protocol=4) for r in results]
+        payload[:] = results
         return {"index": np.asarray(batch["index"]), "payload": payload}
+
+
+def check_result(cache: Any, packed: bytes) -> bytes:
+    """``packed`` after checking the tag and structure of every sealed value in it against
+    ``cache``'s keys (raises :class:`~anonloader.errors.CacheCorruptError`)."""
+    from anonloader.cache.format import EntryRecord, FailureRecord, SampleView, unpack_result
+
+    index, entries, sample, failure, _, _ = unpack_result(packed)
+    for key, value in entries:
+        EntryRecord.unpack(cache.sealer, key, value, f"Ray result entry {key.hex()} of sample {index}")
+    if sample is not None:
+        SampleView.open(cache.sealer, index, sample, f"Ray result sample {index}").skeleton()
+    if failure is not None:
+        FailureRecord.unpack(cache.sealer, index, failure, f"Ray result failure of sample {index}")
+    return packed
 
 
 def run_ray(job: Any, cache: Any, report: Any, *, actors: int = 1, batch_size: int = 8, progress: bool = True) -> None:
@@ -41,12 +63,11 @@ def run_ray(job: Any, cache: Any, report: Any, *, actors: int = 1, batch_size: i
     import ray
     from tqdm.auto import tqdm
 
-    from anonloader.cache.precompute import write_results
+    from anonloader.cache.precompute import pending_indices, write_results
 
     if not ray.is_initialized():
         ray.init(num_cpus=max(actors, 1), include_dashboard=False, log_to_driver=False)
-    done = set(cache.sample_indices())
-    pending = [i for i in range(len(job.dataset)) if i not in done]
+    pending = pending_indices(cache, range(len(job.dataset)))
     report.skipped += len(job.dataset) - len(pending)
     if not pending:
         return
@@ -65,6 +86,6 @@ def run_ray(job: Any, cache: Any, report: Any, *, actors: int = 1, batch_size: i
     )
     with tqdm(total=len(job.dataset), initial=report.skipped, desc="precompute (ray)", unit="img", disable=not progress) as bar:
         for batch in mapped.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            results = [pickle.loads(p) for p in batch["payload"]]
+            results = [check_result(cache, bytes(p)) for p in batch["payload"]]
             write_results(cache, results, report)
             bar.update(len(results))

@@ -7,6 +7,11 @@ without them is rank 0 of 1). Ranks synchronise over ``gloo`` on CPU (``nccl`` w
 has a GPU). Rank ``r`` of ``w`` anonymizes ``shard_range(n, w, r)`` into
 ``OUT/shard-r-of-w``; because keys and identity mapping depend only on content, fingerprint
 and secret, the union of the shards equals a single-process run entry for entry.
+
+Nothing crosses between ranks but the barrier: each rank writes sealed, pickle-free values
+(:mod:`anonloader.cache.format`) into its own shard, and holds only the subkeys derived from
+the secret (``job.keys``), never the secret. Failed samples are recorded in each shard and
+listed in the manifest; running the command again retries them.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ def run_torchrun(
         if world_size > 1:
             dist.barrier()
         if rank == 0:
-            write_manifest(root, report.shards)
+            write_manifest(root, report.shards, secret=job.keys if job.keys.keyed else None)
         if world_size > 1:
             dist.barrier()
     finally:

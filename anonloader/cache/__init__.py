@@ -1,4 +1,5 @@
-"""The anonymized-image cache: LMDB store, keys, codecs, shards and manifest, precompute.
+"""The anonymized-image cache: on-disk format, LMDB store, training view, keys, codecs, shards
+and manifest, precompute.
 
 Imported only when used (``import anonloader`` never imports lmdb or xxhash)::
 
@@ -11,10 +12,21 @@ from __future__ import annotations
 # Bound eagerly: ``precompute`` is both a submodule and a function, and a lazy attribute would
 # be shadowed by the submodule as soon as anything imported ``anonloader.cache.precompute``.
 from anonloader.cache.codecs import get_codec
-from anonloader.cache.keys import cache_key, derive_salt
+from anonloader.cache.dataset import CachedDataset
+from anonloader.cache.keys import CacheKeys, cache_key, derive_salt
 from anonloader.cache.manifest import write_manifest
 from anonloader.cache.precompute import precompute
 from anonloader.cache.stage import CachedStage
 from anonloader.cache.store import AnonCache
 
-__all__ = ["AnonCache", "CachedStage", "cache_key", "derive_salt", "get_codec", "precompute", "write_manifest"]
+__all__ = [
+    "AnonCache",
+    "CacheKeys",
+    "CachedDataset",
+    "CachedStage",
+    "cache_key",
+    "derive_salt",
+    "get_codec",
+    "precompute",
+    "write_manifest",
+]

@@ -5,12 +5,13 @@
     torchrun --nproc_per_node 8 -m anonloader.cache.commands precompute hf-user/faces ./out \\
         --split train --engine torchrun
     anonloader cache stats ./faces.lmdb
-    anonloader cache verify ./out            # every checksum of every shard
+    anonloader cache verify ./out            # every tag of every shard; never runs stored code
     anonloader cache merge ./out ./merged.lmdb
 
 The secret is read from an environment variable (``--secret-env``, default
 ``ANONLOADER_SECRET``) or a file (``--secret-file``), never from the command line (where any
-user could read it in the process list).
+user could read it in the process list). A cache precomputed with a secret is authenticated
+with it: ``cache stats | verify | merge`` need the same secret to read it.
 """
 
 from __future__ import annotations
@@ -83,16 +84,20 @@ def _run_precompute(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             f"{report.cache_path}: {report.computed} computed, {report.skipped} already cached, "
-            f"{report.dropped} dropped, of {report.total} samples in {report.seconds:.1f}s "
+            f"{report.dropped} dropped, {report.failed} failed, of {report.total} samples in {report.seconds:.1f}s "
             f"({report.images_per_second:.2f} samples/s, engine {report.engine})"
         )
+        for failure in report.failures[:20]:
+            print(f"FAILED sample {failure.index} ({failure.path or 'no path'}): {failure.reason}")
+        if report.failed:
+            print("run the same command again to retry the failed samples")
     return 0
 
 
 def _run_stats(args: argparse.Namespace) -> int:
     from anonloader.cache.store import AnonCache
 
-    with AnonCache(args.cache) as cache:
+    with AnonCache(args.cache, secret=_secret(args)) as cache:
         stats = cache.stats()
     if args.json:
         print(json.dumps(stats, indent=1, sort_keys=True))
@@ -105,25 +110,40 @@ def _run_stats(args: argparse.Namespace) -> int:
 def _run_verify(args: argparse.Namespace) -> int:
     from anonloader.cache.store import AnonCache
 
-    with AnonCache(args.cache) as cache:
+    with AnonCache(args.cache, secret=_secret(args)) as cache:
         report = cache.verify(decode=args.decode)
     for problem in report.corrupt:
         print(f"CORRUPT {problem}")
-    print(f"{args.cache}: checked {report.entries} entries and {report.samples} samples, {len(report.corrupt)} corrupt")
+    print(
+        f"{args.cache}: checked {report.entries} entries, {report.samples} samples and {report.failures} failure "
+        f"records, {len(report.corrupt)} corrupt"
+    )
     return 0 if report.ok else 1
 
 
-def merge_caches(sources: Sequence[str | os.PathLike[str]], destination: str | os.PathLike[str], *, batch: int = 256) -> dict[str, int]:
-    """Copies every entry and sample of ``sources`` (caches, shard folders or manifests) into
-    one LMDB at ``destination``, checking each checksum on the way.
+def merge_caches(
+    sources: Sequence[str | os.PathLike[str]],
+    destination: str | os.PathLike[str],
+    *,
+    secret: Any = None,
+    batch: int = 256,
+) -> dict[str, int]:
+    """Copies every entry, sample and failure record of ``sources`` (caches, shard folders or
+    manifests) into one LMDB at ``destination``, checking each value's tag and structure on
+    the way (nothing stored is ever executed).
+
+    Args:
+        secret: the secret the sources were written with (keyed caches), or ``None``.
 
     Raises:
         CacheFingerprintError: the sources were written by different pipelines or secrets.
-        CacheCorruptError: a source value's checksum does not match (nothing corrupt is copied).
+        CacheCorruptError: a source value is corrupt or not authentic (nothing is copied from
+            a batch holding one; the destination keeps what earlier batches committed).
     """
-    from anonloader.cache.store import AnonCache, SampleRecord, unpack_entry
+    from anonloader.cache.format import EntryRecord, FailureRecord, SampleView
+    from anonloader.cache.store import AnonCache
 
-    readers = [AnonCache(path) for path in sources]
+    readers = [AnonCache(path, secret=secret) for path in sources]
     try:
         metas = [reader.meta for reader in readers]
         if len({(m["fingerprint"], m["salt_check"]) for m in metas}) > 1:
@@ -136,11 +156,11 @@ def merge_caches(sources: Sequence[str | os.PathLike[str]], destination: str | o
             destination,
             writable=True,
             fingerprint=first["fingerprint"],
-            salt_check=first["salt_check"],
-            codec=first.get("codec", {}).get("name", "png"),
+            secret=secret,
+            codec=first.get("codec", {}).get("name"),
             method=first.get("method"),
         )
-        counts = {"entries": 0, "samples": 0}
+        counts = {"entries": 0, "samples": 0, "failures": 0}
         try:
             sizes = [m.get("source_size") for m in metas if m.get("source_size") is not None]
             if sizes:
@@ -148,7 +168,7 @@ def merge_caches(sources: Sequence[str | os.PathLike[str]], destination: str | o
             for reader in readers:
                 pending: list[tuple[bytes, bytes]] = []
                 for path, key, value in reader.iter_entries():
-                    unpack_entry(value, f"entry {key.hex()} in {path}")
+                    EntryRecord.unpack(reader.sealer, key, value, f"entry {key.hex()} in {path}").face_records()
                     pending.append((key, value))
                     if len(pending) >= batch:
                         target.write_encoded(pending)
@@ -158,7 +178,9 @@ def merge_caches(sources: Sequence[str | os.PathLike[str]], destination: str | o
                 counts["entries"] += len(pending)
                 samples: list[tuple[int, bytes]] = []
                 for path, index, value in reader.iter_samples():
-                    SampleRecord.unpack(value, f"sample {index} in {path}")
+                    view = SampleView.open(reader.sealer, index, value, f"sample {index} in {path}")
+                    view.skeleton()
+                    view.alphas()
                     samples.append((index, value))
                     if len(samples) >= batch:
                         target.write_encoded([], samples)
@@ -166,6 +188,12 @@ def merge_caches(sources: Sequence[str | os.PathLike[str]], destination: str | o
                         samples = []
                 target.write_encoded([], samples)
                 counts["samples"] += len(samples)
+                failures = []
+                for path, index, value in reader.iter_failures():
+                    FailureRecord.unpack(reader.sealer, index, value, f"failure record {index} in {path}")
+                    failures.append((index, value))
+                target.write_encoded([], [], failures)
+                counts["failures"] += len(failures)
         finally:
             target.close()
         return counts
@@ -175,8 +203,11 @@ def merge_caches(sources: Sequence[str | os.PathLike[str]], destination: str | o
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    counts = merge_caches(args.sources, args.destination)
-    print(f"{args.destination}: merged {counts['entries']} entries and {counts['samples']} samples from {len(args.sources)} source(s)")
+    counts = merge_caches(args.sources, args.destination, secret=_secret(args))
+    print(
+        f"{args.destination}: merged {counts['entries']} entries, {counts['samples']} samples and "
+        f"{counts['failures']} failure records from {len(args.sources)} source(s)"
+    )
     return 0
 
 
@@ -203,7 +234,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     pre.add_argument("--bank", default=None, help="synthetic identity bank folder (IdentityBank.save)")
     pre.add_argument("--image-key", default=None, help="dict key or tuple position of the image")
-    pre.add_argument("--codec", default="png", help="png (default, lossless) | webp | jpeg[:quality] | raw")
+    pre.add_argument("--codec", default=None, help="zstd (default, lossless) | lz4 | raw | qoi | png | webp | jpeg[:quality]")
     pre.add_argument("--workers", type=int, default=1, help="processes (local, torchrun per rank) or actors (ray)")
     pre.add_argument("--engine", choices=("local", "ray", "torchrun"), default="local")
     pre.add_argument("--batch-size", type=int, default=8, help="samples per commit / per Ray batch")
@@ -222,7 +253,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("cache", type=Path)
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(run=_run_stats)
-    verify = actions.add_parser("verify", help="check every checksum (exit 1 when any entry is corrupt)")
+    verify = actions.add_parser("verify", help="check every value's tag (exit 1 when any is corrupt or not authentic)")
     verify.add_argument("cache", type=Path)
     verify.add_argument("--decode", action="store_true", help="also decode every image")
     verify.set_defaults(run=_run_verify)
@@ -230,6 +261,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("sources", type=Path, nargs="+")
     merge.add_argument("destination", type=Path)
     merge.set_defaults(run=_run_merge)
+    for action in (stats, verify, merge):
+        action.add_argument("--secret-env", default="ANONLOADER_SECRET", help="environment variable holding the secret")
+        action.add_argument("--secret-file", default=None, help="file holding the secret")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

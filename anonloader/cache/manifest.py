@@ -8,9 +8,10 @@ A sharded cache is a folder::
       shard-00001-of-00002/
 
 Each shard's summary has its entry and sample counts, its smallest and largest key (hex),
-its smallest and largest sample index, and a content checksum: the xxh3-128 over every key
-and every stored value checksum in key order, so ``anonloader cache verify`` can tell a
-shard that changed since the manifest was written.
+its smallest and largest sample index, its failures (index, source path, reason), and a
+content checksum: the xxh3-128 over every key and every stored value's tag in key order, so
+``anonloader cache verify`` can tell a shard that changed since the manifest was written.
+The manifest lists every failed sample of every shard under ``failures``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 
 
 def shard_name(rank: int, world_size: int) -> str:
@@ -122,8 +123,9 @@ def combine_summaries(summaries: list[dict[str, Any]], root: str | os.PathLike[s
     for summary in sorted(summaries, key=lambda s: str(s["path"])):
         entry = dict(summary)
         entry["path"] = os.path.relpath(Path(summary["path"]), root)
-        for field in ("fingerprint", "salt_check", "anonloader_version", "method", "source_size", "codec"):
+        for field in ("fingerprint", "salt_check", "anonloader_version", "method", "source_size", "codec", "keyed", "failures"):
             entry.pop(field, None)
+        entry["failed_samples"] = len(summary.get("failures", []))
         shards.append(entry)
     first = summaries[0] if summaries else {}
     source_sizes = {s.get("source_size") for s in summaries} - {None}
@@ -136,14 +138,19 @@ def combine_summaries(summaries: list[dict[str, Any]], root: str | os.PathLike[s
         "method": first.get("method"),
         "codec": first.get("codec"),
         "source_size": max(source_sizes) if source_sizes else None,
+        "keyed": bool(first.get("keyed", False)),
         "entries": sum(s["entries"] for s in summaries),
         "samples": sum(s["samples"] for s in summaries),
+        "failures": sorted((f for s in summaries for f in s.get("failures", [])), key=lambda f: f["index"]),
         "shards": shards,
     }
 
 
-def write_manifest(root: str | os.PathLike[str], shard_paths: list[str | os.PathLike[str]] | None = None) -> Path:
-    """Summarizes every shard under ``root`` (or ``shard_paths``) into ``root/manifest.json``."""
+def write_manifest(
+    root: str | os.PathLike[str], shard_paths: list[str | os.PathLike[str]] | None = None, *, secret: Any = None
+) -> Path:
+    """Summarizes every shard under ``root`` (or ``shard_paths``) into ``root/manifest.json``
+    (``secret``: the secret or :class:`~anonloader.cache.keys.CacheKeys` of keyed shards)."""
     from anonloader.cache.store import AnonCache
 
     root = Path(root)
@@ -153,7 +160,7 @@ def write_manifest(root: str | os.PathLike[str], shard_paths: list[str | os.Path
         raise CacheError(f"no shards under {root} to write a manifest for")
     summaries = []
     for shard in shard_paths:
-        cache = AnonCache(shard)
+        cache = AnonCache(shard, secret=secret)
         try:
             summaries.append(cache.summary())
         finally:

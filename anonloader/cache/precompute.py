@@ -34,15 +34,35 @@ import torch
 from torch.utils.data import Dataset
 
 from anonloader.cache.codecs import Codec, get_codec
-from anonloader.cache.keys import cache_key, derive_salt, salt_check
-from anonloader.cache.store import DEFAULT_MAP_SIZE, AnonCache, SampleRecord, pack_entry
-from anonloader.errors import CacheError, ConfigError, InputError
+from anonloader.cache.format import (
+    EntryRecord,
+    FailureRecord,
+    SampleRecord,
+    Sealer,
+    StoredImage,
+    image_status,
+    pack_result,
+    unpack_result,
+)
+from anonloader.cache.keys import CacheKeys, cache_key
+from anonloader.cache.store import DEFAULT_MAP_SIZE, AnonCache
+from anonloader.errors import AnonloaderError, CacheError, ConfigError, ImageDecodeError, InputError, UnsupportedImageError
 
 __all__ = ["ImageFolder", "PrecomputeReport", "SampleJob", "load_source", "precompute", "shard_range"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+#: file suffixes the folder source lists, when Pillow can decode them (see :func:`_decodable_suffixes`).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".tga")
+
+
+def _decodable_suffixes() -> tuple[str, ...]:
+    """The suffixes of :data:`IMAGE_SUFFIXES` that this Pillow build can open."""
+    from PIL import Image
+
+    Image.init()
+    registered = Image.registered_extensions()
+    return tuple(s for s in IMAGE_SUFFIXES if registered.get(s) in Image.OPEN)
 
 
 def shard_range(num_items: int, world_size: int, rank: int) -> range:
@@ -57,35 +77,69 @@ def shard_range(num_items: int, world_size: int, rank: int) -> range:
 
 
 class ImageFolder(Dataset):
-    """Every image file under ``root`` (recursive, sorted by relative path).
+    """Every image file under ``root`` that Pillow can decode (recursive, sorted by relative path).
 
-    ``dataset[i]`` is ``{"image": 3,H,W uint8 tensor (RGB), "path": relative path}``.
+    ``dataset[i]`` is ``{"image": 3,H,W uint8 tensor (RGB, values 0-255), "path": relative
+    path}``. Files larger than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (decompression bombs),
+    corrupt files and 16-bit files raise named errors (:class:`ImageDecodeError`,
+    :class:`UnsupportedImageError`), which ``precompute`` records per sample under
+    ``on_error="drop"`` / ``"obscure"``.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise ConfigError(f"{self.root} is not a folder of images")
+        suffixes = _decodable_suffixes()
         self.files = sorted(
             p.relative_to(self.root).as_posix()
             for p in self.root.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            if p.is_file() and p.suffix.lower() in suffixes
         )
         if not self.files:
-            raise ConfigError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {self.root}")
+            raise ConfigError(f"no image files ({', '.join(suffixes)}) under {self.root}")
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from torchvision.io import ImageReadMode, decode_image, read_file
+        import warnings
+
+        import numpy as np
+        from PIL import Image, UnidentifiedImageError
 
         path = self.root / self.files[index]
         try:
-            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        except RuntimeError as error:
-            raise InputError(f"cannot decode the image ({error}); remove or replace the file", index=index, source=str(path)) from error
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as opened:
+                    if opened.mode.startswith("I;16") or opened.mode in ("I", "F"):
+                        raise UnsupportedImageError(
+                            f"{opened.mode} (16-bit or float) image: the cache stores 8 bits per channel; convert the "
+                            "file to 8 bits, or load it through your own dataset and decide there",
+                            index=index, source=str(path),
+                        )
+                    array = np.asarray(opened.convert("RGB"))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise UnsupportedImageError(
+                f"larger than PIL.Image.MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS} pixels): refused as a possible "
+                f"decompression bomb ({error}); raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted",
+                index=index, source=str(path),
+            ) from error
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise ImageDecodeError(f"cannot decode the image ({error}); remove or replace the file", index=index, source=str(path)) from error
+        image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
         return {"image": image, "path": self.files[index]}
+
+
+def source_path(dataset: Any, index: int) -> str | None:
+    """The file sample ``index`` of ``dataset`` comes from, when the source is a folder."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        index = int(dataset.indices[index])
+        dataset = dataset.dataset
+    if isinstance(dataset, ImageFolder):
+        return str(dataset.root / dataset.files[index])
+    return None
 
 
 def _import_object(spec: str) -> Any:
@@ -145,52 +199,90 @@ def load_source(source: Any, *, split: str | None = None) -> Any:
 
 @dataclass
 class SampleJob:
-    """Everything a worker needs to turn sample indices into packed cache values (picklable).
+    """Everything a worker needs to turn sample indices into sealed cache values (picklable).
 
     Attributes:
         dataset: the source (map-style).
         stage: the pipeline stage (``process(index, images, labels, detections)``).
         fingerprint: the pipeline fingerprint (hex).
-        salt: key salt derived from the secret (never the secret).
+        keys: the subkeys derived from the secret (key salt, MAC key) — never the secret.
         codec: how images are encoded.
         entry_meta: fields stored with every entry.
+        on_error: the pipeline's fail-closed policy; with ``"drop"`` or ``"obscure"`` a sample
+            that cannot be read is recorded as a failure and the run goes on.
         image_keys, annotations, identity_label: as in :func:`anonloader.anonymize`.
     """
 
     dataset: Any
     stage: Any
     fingerprint: str
-    salt: bytes
+    keys: CacheKeys
     codec: Codec
     entry_meta: dict[str, Any]
+    on_error: str = "obscure"
     image_keys: Sequence[Hashable] | None = None
     annotations: Callable[[Any], Any] | None = None
     identity_label: Callable[[Any], Any] | None = None
 
-    def compute(self, index: int) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
-        """``(index, [(key, packed entry)], packed sample record, dropped)`` of sample ``index``."""
+    def _failed_input(self, sealer: Sealer, index: int, error: Exception) -> bytes:
+        if self.on_error == "raise":
+            raise error
+        reason = f"{type(error).__name__}: {error}"
+        path = source_path(self.dataset, index) or getattr(error, "source", None)
+        logger.warning("precompute: sample %d%s failed and is recorded as a failure (on_error=%r): %s",
+                       index, f" ({path})" if path else "", self.on_error, reason)
+        failure = FailureRecord(index, path, reason, "input")
+        sample = SampleRecord(None, [], [], None, failure=reason)
+        return pack_result(index, [], sample.pack(sealer, index), failure.pack(sealer), dropped=True, failed=True)
+
+    def compute(self, index: int) -> bytes:
+        """Sample ``index`` as :func:`~anonloader.cache.format.pack_result` bytes: its sealed
+        entries, sample record and failure record (plain msgpack, no pickle)."""
+        from PIL import Image
+
         from anonloader.cache.stage import content_with_conditions
         from anonloader.data.dataset import prepare_sample
 
-        prepared = prepare_sample(self.dataset[index], index, self.image_keys, self.annotations, self.identity_label)
+        sealer = Sealer(self.keys.mac_key)
+        try:
+            sample = self.dataset[index]
+            prepared = prepare_sample(sample, index, self.image_keys, self.annotations, self.identity_label)
+        except AnonloaderError as error:
+            return self._failed_input(sealer, index, error)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            wrapped = InputError(f"the dataset could not produce the sample ({type(error).__name__}: {error})",
+                                 index=index, source=source_path(self.dataset, index))
+            wrapped.__cause__ = error
+            return self._failed_input(sealer, index, wrapped)
         images, skeleton, labels, detections = prepared.images, prepared.skeleton, prepared.labels, prepared.detections
         keys = [
             cache_key(
                 content_with_conditions(image, None if labels is None else labels[i], None if detections is None else detections[i]),
                 self.fingerprint,
-                self.salt,
+                self.keys.salt,
             )
             for i, image in enumerate(images)
         ]
         processed = self.stage.process(index, images, labels, detections)
-        entries = [
-            (key, pack_entry(p.image, p.records, self.codec, self.entry_meta, p.error))
-            for key, p in zip(keys, processed, strict=True)
-        ]
-        record = SampleRecord(skeleton, keys, [s.alpha for s in images])
-        return index, entries, record.pack(), any(p.image is None for p in processed)
+        stored, entries = [], []
+        for slot, (key, p) in enumerate(zip(keys, processed, strict=True)):
+            payload = b"" if p.image is None else self.codec.encode(p.image)
+            stored.append(StoredImage(image_status(p.image, p.error), p.error, None if p.image is None else self.codec.name, payload))
+            entry = EntryRecord.build(p.image, p.records, self.codec, self.entry_meta, p.error, ref=(index, slot))
+            entries.append((key, entry.pack(sealer, key)))
+        try:
+            record = SampleRecord(skeleton, keys, stored, [s.alpha for s in images]).pack(sealer, index)
+        except InputError as error:  # a field of a type the cache cannot store
+            return self._failed_input(sealer, index, error)
+        errors = [f"image {slot}: {p.error}" for slot, p in enumerate(processed) if p.error is not None]
+        failure = None
+        if errors:
+            path = source_path(self.dataset, index)
+            failure = FailureRecord(index, path, "; ".join(errors), "image").pack(sealer)
+        dropped = any(p.image is None for p in processed)
+        return pack_result(index, entries, record, failure, dropped, bool(errors))
 
-    def compute_many(self, indices: Sequence[int]) -> list[tuple[int, list[tuple[bytes, bytes]], bytes, bool]]:
+    def compute_many(self, indices: Sequence[int]) -> list[bytes]:
         return [self.compute(i) for i in indices]
 
 
@@ -203,9 +295,11 @@ class PrecomputeReport:
     skipped: int = 0
     computed: int = 0
     dropped: int = 0
+    failed: int = 0
     seconds: float = 0.0
     engine: str = "local"
     shards: list[str] = field(default_factory=list)
+    failures: list[FailureRecord] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -221,7 +315,7 @@ def _init_worker(job: SampleJob, threads: int) -> None:
     _WORKER_JOB = job
 
 
-def _worker_compute(indices: Sequence[int]) -> list[tuple[int, list[tuple[bytes, bytes]], bytes, bool]]:
+def _worker_compute(indices: Sequence[int]) -> list[bytes]:
     assert _WORKER_JOB is not None
     return _WORKER_JOB.compute_many(indices)
 
@@ -231,14 +325,30 @@ def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(items[start : start + size])
 
 
-def write_results(cache: AnonCache, results: Iterable[tuple[int, list[tuple[bytes, bytes]], bytes, bool]], report: PrecomputeReport) -> None:
-    """Commits computed samples (entries first, then their sample records) in one transaction."""
-    results = list(results)
-    entries = [pair for _, pairs, _, _ in results for pair in pairs]
-    samples = [(index, record) for index, _, record, _ in results]
-    cache.write_encoded(entries, samples)
-    report.computed += len(results)
-    report.dropped += sum(1 for *_, dropped in results if dropped)
+def write_results(cache: AnonCache, results: Iterable[bytes], report: PrecomputeReport) -> None:
+    """Commits computed samples (:func:`~anonloader.cache.format.pack_result` bytes) in one
+    transaction: entries, sample records, failure records; a sample that now succeeded has its
+    old failure record removed."""
+    entries: list[tuple[bytes, bytes]] = []
+    samples: list[tuple[int, bytes]] = []
+    failures: list[tuple[int, bytes]] = []
+    resolved: list[int] = []
+    count = 0
+    for packed in results:
+        index, pairs, sample, failure, dropped, failed = unpack_result(packed)
+        count += 1
+        entries.extend(pairs)
+        if sample is not None:
+            samples.append((index, sample))
+        if failure is not None:
+            failures.append((index, failure))
+            report.failures.append(FailureRecord.unpack(cache.sealer, index, failure, f"failure record of sample {index}"))
+        else:
+            resolved.append(index)
+        report.dropped += int(dropped)
+        report.failed += int(failed)
+    cache.write_encoded(entries, samples, failures, resolved)
+    report.computed += count
 
 
 def run_local(
@@ -273,7 +383,7 @@ def build_job(
     anonymizer: Any,
     cache_path: Path,
     *,
-    secret: str | bytes | None,
+    secret: Any,
     codec: Codec,
     image_keys: Sequence[Hashable] | None,
     annotations: Callable[[Any], Any] | None,
@@ -288,9 +398,10 @@ def build_job(
         dataset=dataset,
         stage=stage,
         fingerprint=fingerprint,
-        salt=derive_salt(secret),
+        keys=CacheKeys.from_secret(secret),
         codec=codec,
         entry_meta={"fingerprint": fingerprint, "anonloader_version": __version__, "method": anonymizer.method.name},
+        on_error=getattr(anonymizer, "on_error", "obscure"),
         image_keys=image_keys,
         annotations=annotations,
         identity_label=identity_label,
@@ -303,13 +414,19 @@ def open_for_job(job: SampleJob, path: Path, *, map_size: int = DEFAULT_MAP_SIZE
         path,
         writable=True,
         fingerprint=job.fingerprint,
-        salt_check=salt_check(job.salt),
+        secret=job.keys if job.keys.keyed else None,
         codec=job.codec,
         method=job.entry_meta.get("method"),
         map_size=map_size,
     )
     cache.set_source_size(len(job.dataset))
     return cache
+
+
+def pending_indices(cache: AnonCache, indices: Iterable[int]) -> list[int]:
+    """The indices a (resumed) run computes: not stored yet, or stored with a recorded failure."""
+    done = set(cache.sample_indices()) - set(cache.failed_indices())
+    return [i for i in indices if i not in done]
 
 
 def fill_cache(
@@ -323,11 +440,11 @@ def fill_cache(
     progress: bool,
     description: str = "precompute",
 ) -> None:
-    """Computes every index of ``indices`` not yet in ``cache`` (resume), with a progress bar."""
+    """Computes every index of ``indices`` not yet in ``cache``, and retries every recorded
+    failure (resume), with a progress bar."""
     from tqdm.auto import tqdm
 
-    done = set(cache.sample_indices())
-    pending = [i for i in indices if i not in done]
+    pending = pending_indices(cache, indices)
     report.skipped += len(indices) - len(pending)
     if report.skipped:
         logger.info("%s: %d of %d samples already in %s, resuming", description, report.skipped, len(indices), cache.path)
@@ -344,8 +461,8 @@ def precompute(
     image_key: Hashable | Sequence[Hashable] | None = None,
     annotations: Callable[[Any], Any] | None = None,
     identity_label: Callable[[Any], Any] | None = None,
-    secret: str | bytes | None = None,
-    codec: str | Codec = "png",
+    secret: Any = None,
+    codec: str | Codec | None = None,
     workers: int = 1,
     engine: str = "local",
     batch_size: int = 8,
@@ -364,8 +481,11 @@ def precompute(
             ``anonymizer_kwargs`` (``method=``, ``detector=``, ...).
         split: the split of a Hugging Face dataset.
         image_key, annotations, identity_label: as in :func:`anonloader.anonymize`.
-        secret: salts the keys (and must match the identity mapping's secret); never stored.
-        codec: ``"png"`` (default, lossless), ``"webp"``, ``"jpeg[:quality]"`` or ``"raw"``.
+        secret: salts the keys and authenticates every stored value (HMAC-SHA256 under a
+            derived key); only derived subkeys reach workers, nothing of it is stored. Without
+            one the cache is unsalted (a warning says what that allows).
+        codec: ``"zstd"`` (default, lossless, fastest to read among compressed codecs),
+            ``"lz4"``, ``"raw"``, ``"qoi"``, ``"png"``, ``"webp"`` or ``"jpeg[:quality]"``.
         workers: processes on this machine (``"local"``), or actors (``"ray"``).
         engine: ``"local"``, ``"ray"`` or ``"torchrun"``.
         batch_size: samples per commit (and per Ray batch).
@@ -376,6 +496,13 @@ def precompute(
     Returns:
         A :class:`PrecomputeReport`; ``AnonCache(cache_path).as_dataset()`` then yields the
         anonymized samples in the source's order.
+
+    Failures: with the pipeline's ``on_error="drop"`` or ``"obscure"``, a sample that cannot be
+    read (corrupt file, decompression bomb, unsupported image) is recorded as a failure (index,
+    path, reason; ``AnonCache.failures()``, ``anonloader cache stats``) and served as dropped
+    (``None``); an image the pipeline failed on is stored with its reason and its fail-closed
+    output. Either way the run completes, and running ``precompute`` again retries every
+    recorded failure. ``on_error="raise"`` stops at the first one (committed batches stay).
     """
     from anonloader.pipeline import Anonymizer
 

@@ -3,11 +3,14 @@
 It has the same ``process`` as :class:`~anonloader.data.stage.PipelineStage`, so the dataset
 wrappers hold either one. Modes:
 
-- ``"read-through"``: a hit is served; a miss (or a corrupt entry) is computed and stored;
+- ``"read-through"``: a hit is served; a miss, a corrupt entry or a stored *failure* is
+  computed (again) and stored — a transient fault is never made permanent;
 - ``"read-only"``: a hit is served; a miss raises :class:`~anonloader.errors.CacheMissError`
   ("N of M samples are not in the cache; run anonloader precompute") and a corrupt entry
   raises :class:`~anonloader.errors.CacheCorruptError` — nothing is ever computed (fail
-  closed: a training cluster never starts running diffusion by surprise);
+  closed: a training cluster never starts running diffusion by surprise). A stored failure
+  is served as what its fail-closed policy produced (obscured, or dropped) with its reason,
+  counted under ``"failed"``; never as a success, never as the original;
 - ``"write-only"``: every sample is computed and stored (refreshing the cache).
 """
 
@@ -23,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from anonloader.cache.codecs import Codec
-from anonloader.cache.keys import cache_key, derive_salt, salt_check
+from anonloader.cache.keys import CacheKeys, cache_key
 from anonloader.cache.store import AnonCache
 from anonloader.data.adapters import SourceImage
 from anonloader.data.stage import ProcessedImage
@@ -61,8 +64,10 @@ class CachedStage:
         inner: the stage that anonymizes (``process`` and ``fingerprint()``).
         cache: an :class:`AnonCache` or the path of one (created in the writing modes).
         mode: ``"read-through"``, ``"read-only"`` or ``"write-only"``.
-        secret: salts the keys (HMAC-derived; the secret itself is never stored or logged).
-        codec: how new entries are encoded when the cache is created from a path.
+        secret: salts the keys and authenticates stored values; only the derived subkeys
+            (:class:`CacheKeys`) are kept, so pickling the stage into workers never carries it.
+        codec: how new entries are encoded when the cache is created from a path (default
+            ``"zstd"``).
     """
 
     def __init__(
@@ -70,22 +75,23 @@ class CachedStage:
         inner: Any,
         cache: AnonCache | str | os.PathLike[str],
         mode: CacheMode = "read-through",
-        secret: str | bytes | None = None,
-        codec: str | Codec = "png",
+        secret: Any = None,
+        codec: str | Codec | None = None,
     ) -> None:
         if mode not in ("read-through", "read-only", "write-only"):
             raise ConfigError(f"cache_mode must be 'read-through', 'read-only' or 'write-only', got {mode!r}")
         self.inner = inner
         self.mode: CacheMode = mode
         self.fingerprint_hex = inner.fingerprint()
-        self._salt = derive_salt(secret)
-        check = salt_check(self._salt)
+        self.keys = CacheKeys.from_secret(secret)
         method = getattr(getattr(getattr(inner, "anonymizer", None), "method", None), "name", None)
         if isinstance(cache, AnonCache):
             if mode != "read-only" and not cache.writable:
                 raise ConfigError(f"cache_mode={mode!r} needs a writable cache; open it with writable=True")
+            if secret is not None and cache.keys is None:
+                raise ConfigError("pass the secret to the AnonCache too (AnonCache(path, secret=...)), or only here with a path")
             cache.expected_fingerprint = cache.expected_fingerprint or self.fingerprint_hex
-            cache.expected_salt_check = cache.expected_salt_check or check
+            cache.expected_salt_check = cache.expected_salt_check or self.keys.salt_check
             cache.method = cache.method or method
             self.cache = cache
         else:
@@ -93,11 +99,13 @@ class CachedStage:
                 Path(cache),
                 writable=mode != "read-only",
                 fingerprint=self.fingerprint_hex,
-                salt_check=check,
+                secret=self.keys if self.keys.keyed else None,
+                salt_check=self.keys.salt_check,
                 codec=codec,
                 method=method,
             )
         self.counters: Counter[str] = Counter()
+        self._warned_failed = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -120,13 +128,14 @@ class CachedStage:
                     image, None if labels is None else labels[i], None if detections is None else detections[i]
                 ),
                 self.fingerprint_hex,
-                self._salt,
+                self.keys.salt,
             )
             for i, image in enumerate(images)
         ]
 
     def lookup(self, index: int, keys: Sequence[bytes]) -> list[ProcessedImage] | None:
-        """The stored results for ``keys``, or ``None`` when any is missing (or corrupt, read-through)."""
+        """The stored results for ``keys``, or ``None`` when any is missing (or, read-through,
+        corrupt or a stored failure)."""
         results = []
         for slot, key in enumerate(keys):
             try:
@@ -139,7 +148,19 @@ class CachedStage:
                 return None
             if entry is None:
                 return None
-            results.append(ProcessedImage(entry.image(), entry.records(), entry.meta.get("error")))
+            if entry.failed:
+                if self.mode != "read-only":
+                    self.counters["failed_recomputed"] += 1
+                    return None
+                self.counters["failed"] += 1
+                if not self._warned_failed:
+                    self._warned_failed = True
+                    logger.warning(
+                        "sample %d image %d: the cache holds a failure (%s); read-only mode serves its fail-closed "
+                        "output (obscured or dropped). Run anonloader precompute again to retry failures",
+                        index, slot, entry.error,
+                    )
+            results.append(ProcessedImage(entry.image(), entry.face_records(), entry.error))
         return results
 
     def _miss_error(self, index: int) -> CacheMissError:
@@ -170,6 +191,6 @@ class CachedStage:
                 raise self._miss_error(index)
         self.counters["computed"] += 1
         processed = self.inner.process(index, images, labels, detections)
-        encoded = [(key, self.cache.encode(p.image, p.records, p.error)) for key, p in zip(keys, processed, strict=True)]
+        encoded = [(key, self.cache.encode(key, p.image, p.records, p.error)) for key, p in zip(keys, processed, strict=True)]
         self.cache.write_encoded(encoded)
         return processed

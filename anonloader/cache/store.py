@@ -1,33 +1,28 @@
 """``AnonCache``: the content-addressed store of anonymized images, on LMDB.
 
-Layout of one LMDB environment (a folder with ``data.mdb``), three named databases:
+One cache is one LMDB environment (a folder with ``data.mdb``), or several shards named by a
+``manifest.json`` (:mod:`anonloader.cache.manifest`). What is stored, and how, is
+:mod:`anonloader.cache.format`; the training view is :mod:`anonloader.cache.dataset`.
 
-- ``entries``: 16-byte key (see :mod:`anonloader.cache.keys`) -> one anonymized image;
-- ``samples``: 8-byte big-endian sample index -> the sample's non-image fields (the picklable
-  skeleton from ``split_sample``) and the keys of its images, so ``as_dataset()`` rebuilds
-  whole samples in the source's order without touching an original image;
-- ``meta``: the cache's fingerprint, salt check, codec, anonloader version, method name,
-  source size.
+Processes: nothing is opened in ``__init__`` (DataLoader workers fork); each process opens
+its own environment on first use, one per path and process (py-lmdb allows no more), and a
+forked child drops the handles it inherited. Readers open ``readonly=True, lock=False``
+(no reader-lock table, so any number of workers read without coordination) with
+``readahead=False`` (see ``benchmarks/cache_read.py``: equal on warm pages, and it keeps
+shuffled reads on a cold disk from pulling in pages nobody asked for). A writable cache
+writes in one transaction per batch, so a process killed mid-write loses nothing it
+committed, and the map doubles whenever LMDB reports it full.
 
-Every stored value is ``magic(4) | xxh3-64 checksum(8) | body``; a value whose checksum does
-not match is never served (:class:`~anonloader.errors.CacheCorruptError`). An entry body is
-``codec id(1) | meta length(4) | meta JSON | image bytes`` with the face boxes, synthetic ids,
-fingerprint, anonloader version and method name in its meta.
-
-Processes: nothing is opened in ``__init__`` (DataLoader workers fork); each process opens its
-own environment on first use. Readers open read-only and lock-free; a writable cache writes in
-one transaction per batch, so a process killed mid-write loses nothing it committed, and the
-map doubles whenever LMDB reports it full.
+Secrets: an ``AnonCache`` holds only the subkeys derived from the secret
+(:class:`~anonloader.cache.keys.CacheKeys`: key salt check and MAC key), so pickling it into
+a DataLoader worker or a Ray actor never carries the secret.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import logging
 import os
-import pickle
-import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,178 +33,35 @@ import xxhash
 
 from anonloader import __version__
 from anonloader.cache.codecs import Codec, get_codec
+from anonloader.cache.format import (
+    CACHE_FORMAT_VERSION,
+    EntryRecord,
+    FailureRecord,
+    SampleRecord,
+    SampleView,
+    Sealer,
+    index_key,
+    old_format_message,
+    open_meta,
+    pack_meta,
+    peek_meta,
+)
+from anonloader.cache.keys import CacheKeys
 from anonloader.cache.manifest import resolve_cache_path
 from anonloader.errors import CacheCorruptError, CacheError, CacheFingerprintError, CacheMissError
-from anonloader.fingerprint import CACHE_FORMAT_VERSION
 from anonloader.types import FaceRecord
 
-__all__ = ["AnonCache", "CacheEntry", "CachedDataset", "SampleRecord", "VerifyReport", "pack_entry", "unpack_entry"]
+__all__ = ["DEFAULT_MAP_SIZE", "AnonCache", "CacheEntry", "SampleRecord", "VerifyReport"]
 
-ENTRY_MAGIC = b"ALE1"
-SAMPLE_MAGIC = b"ALS1"
-_CHECKSUM = struct.Struct("<Q")
-_ENTRY_HEAD = struct.Struct("<BI")
-_INDEX = struct.Struct(">Q")
-_DATABASES = (b"entries", b"samples", b"meta")
-#: codec ids as stored in entry bodies; 0 marks a dropped image (no pixels).
-_CODEC_IDS = {"none": 0, "png": 1, "webp": 2, "jpeg": 3, "raw": 4}
-_CODEC_NAMES = {v: k for k, v in _CODEC_IDS.items()}
+logger = logging.getLogger(__name__)
+
+#: an entry read back (the :class:`~anonloader.cache.format.EntryRecord` with its pixels).
+CacheEntry = EntryRecord
+
+_DATABASES = (b"entries", b"samples", b"meta", b"failures")
+_META_KEY = b"cache"
+_OLD_META_KEY = b"cache_format"
 DEFAULT_MAP_SIZE = 1 << 30
-
-
-def _checksum(body: bytes | memoryview) -> bytes:
-    return _CHECKSUM.pack(xxhash.xxh3_64_intdigest(body))
-
-
-def _seal(magic: bytes, body: bytes) -> bytes:
-    return magic + _checksum(body) + body
-
-
-def _open_seal(magic: bytes, value: bytes | memoryview, what: str) -> memoryview:
-    view = memoryview(value)
-    if len(view) < 12 or bytes(view[:4]) != magic:
-        raise CacheCorruptError(f"{what}: not an anonloader cache value (bad header); run anonloader cache verify")
-    body = view[12:]
-    if bytes(view[4:12]) != _checksum(body):
-        raise CacheCorruptError(
-            f"{what}: checksum mismatch, the stored bytes are corrupt; it is never served "
-            "(read-through mode recomputes it; otherwise run anonloader precompute again)"
-        )
-    return body
-
-
-def _records_from_meta(meta: dict[str, Any]) -> list[FaceRecord]:
-    records = []
-    for r in meta.get("records", []):
-        records.append(
-            FaceRecord(
-                box=tuple(r["box"]),
-                landmarks=tuple(tuple(p) for p in r["landmarks"]),
-                score=r["score"],
-                status=r["status"],
-                synthetic_id=r.get("synthetic_id"),
-                error=r.get("error"),
-            )
-        )
-    return records
-
-
-@dataclass
-class CacheEntry:
-    """One stored anonymized image.
-
-    Attributes:
-        codec: codec name, or ``"none"`` for an image the pipeline dropped.
-        payload: the encoded image bytes (empty when dropped).
-        meta: face records, fingerprint, anonloader version, method name, shape.
-    """
-
-    codec: str
-    payload: bytes
-    meta: dict[str, Any]
-
-    @property
-    def dropped(self) -> bool:
-        return self.codec == "none"
-
-    def image_uint8(self) -> torch.Tensor | None:
-        """The image as ``3,H,W uint8``, or ``None`` when it was dropped."""
-        if self.dropped:
-            return None
-        return get_codec(self.codec).decode(self.payload)
-
-    def image(self) -> torch.Tensor | None:
-        """The image as ``3,H,W float32 in [0,1]`` (multiples of 1/255), or ``None`` if dropped."""
-        pixels = self.image_uint8()
-        return None if pixels is None else pixels.float().div_(255.0)
-
-    def records(self) -> list[FaceRecord]:
-        """The :class:`FaceRecord` of every face found in the source image."""
-        return _records_from_meta(self.meta)
-
-
-def pack_entry(
-    image: torch.Tensor | None,
-    records: Sequence[FaceRecord],
-    codec: Codec,
-    meta: dict[str, Any],
-    error: str | None = None,
-) -> bytes:
-    """The stored bytes of one anonymized image.
-
-    Args:
-        image: ``3,H,W float in [0,1]`` (quantized to k/255), or ``None`` when dropped.
-        records: the faces of the image.
-        codec: how to encode the pixels.
-        meta: fields stored with it (fingerprint, anonloader version, method name).
-        error: why the pipeline failed on the image, when it did.
-    """
-    full = dict(meta)
-    full["records"] = [r.to_dict() for r in records]
-    full["error"] = error
-    if image is None:
-        codec_name, payload = "none", b""
-    else:
-        codec_name, payload = codec.name, codec.encode(image)
-        full["shape"] = list(image.shape)
-    meta_bytes = json.dumps(full, sort_keys=True, separators=(",", ":")).encode()
-    body = _ENTRY_HEAD.pack(_CODEC_IDS[codec_name], len(meta_bytes)) + meta_bytes + payload
-    return _seal(ENTRY_MAGIC, body)
-
-
-def unpack_entry(value: bytes | memoryview, what: str = "cache entry") -> CacheEntry:
-    """Checks and splits stored entry bytes. Raises :class:`CacheCorruptError` when corrupt."""
-    body = _open_seal(ENTRY_MAGIC, value, what)
-    try:
-        codec_id, meta_len = _ENTRY_HEAD.unpack_from(body)
-        start = _ENTRY_HEAD.size
-        meta = json.loads(bytes(body[start : start + meta_len]))
-        payload = bytes(body[start + meta_len :])
-        codec = _CODEC_NAMES[codec_id]
-    except (struct.error, ValueError, KeyError) as error:
-        raise CacheCorruptError(f"{what}: malformed entry ({error}); run anonloader cache verify") from error
-    return CacheEntry(codec, payload, meta)
-
-
-def _tensor_from_numpy(array: Any, requires_grad: bool) -> torch.Tensor:
-    return torch.from_numpy(array).requires_grad_(requires_grad)
-
-
-class _StablePickler(pickle.Pickler):
-    """Pickles CPU tensors through numpy: ``torch.save`` stamps a fresh serialization id into
-    every tensor's bytes, which would make equal sample records differ between runs."""
-
-    def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is torch.Tensor and obj.dtype != torch.bfloat16 and not obj.is_complex():
-            return _tensor_from_numpy, (obj.detach().cpu().numpy(), obj.requires_grad)
-        return NotImplemented
-
-
-def _stable_dumps(value: Any) -> bytes:
-    buffer = io.BytesIO()
-    _StablePickler(buffer, protocol=4).dump(value)
-    return buffer.getvalue()
-
-
-@dataclass
-class SampleRecord:
-    """A sample's non-image fields and the keys of its images, in slot order."""
-
-    skeleton: Any
-    keys: list[bytes]
-    alphas: list[torch.Tensor | None] | None = None  # per image ``1,H,W uint8`` alpha, if any
-
-    def pack(self) -> bytes:
-        alphas = None
-        if self.alphas is not None and any(a is not None for a in self.alphas):
-            alphas = [None if a is None else a.mul(255).round().to(torch.uint8) if a.is_floating_point() else a for a in self.alphas]
-        return _seal(SAMPLE_MAGIC, _stable_dumps((self.skeleton, list(self.keys), alphas)))
-
-    @classmethod
-    def unpack(cls, value: bytes | memoryview, what: str = "sample record") -> SampleRecord:
-        body = _open_seal(SAMPLE_MAGIC, value, what)
-        skeleton, keys, alphas = pickle.loads(body)
-        return cls(skeleton, keys, alphas)
 
 
 @dataclass
@@ -218,6 +70,7 @@ class VerifyReport:
 
     entries: int = 0
     samples: int = 0
+    failures: int = 0
     corrupt: list[str] = field(default_factory=list)
 
     @property
@@ -231,7 +84,7 @@ class VerifyReport:
 _OPEN_ENVS: dict[str, tuple[int, bool, lmdb.Environment, dict[bytes, Any]]] = {}
 
 
-def _open_env(key: str, path: Path, writable: bool, map_size: int) -> tuple[lmdb.Environment, dict[bytes, Any]]:
+def _open_env(key: str, path: Path, writable: bool, map_size: int, readahead: bool) -> tuple[lmdb.Environment, dict[bytes, Any]]:
     found = _OPEN_ENVS.get(key)
     pid = os.getpid()
     if found is not None and found[0] == pid and (found[1] or not writable):
@@ -245,14 +98,21 @@ def _open_env(key: str, path: Path, writable: bool, map_size: int) -> tuple[lmdb
         dbs = {name: env.open_db(name, create=True) for name in _DATABASES}
     else:
         try:
-            env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=len(_DATABASES), subdir=True)
+            env = lmdb.open(str(path), readonly=True, lock=False, readahead=readahead, max_dbs=len(_DATABASES), subdir=True)
         except lmdb.Error as error:
             raise CacheError(f"cannot open the cache shard {path} ({error})") from error
+        dbs = {}
         try:
-            dbs = {name: env.open_db(name, create=False) for name in _DATABASES}
+            for name in _DATABASES:
+                try:
+                    dbs[name] = env.open_db(name, create=False)
+                except lmdb.NotFoundError:
+                    if name != b"failures":  # format 1 caches have none; they fail on their metadata
+                        raise
+                    dbs[name] = None
         except lmdb.NotFoundError as error:
             env.close()
-            raise CacheError(f"{path} is an LMDB but not an anonloader cache") from error
+            raise CacheError(f"{path} is an LMDB but not an anonloader cache (no {name.decode()} database)") from error
     _OPEN_ENVS[key] = (pid, writable, env, dbs)
     return env, dbs
 
@@ -282,27 +142,31 @@ def _close_env(key: str) -> None:
 class _Shard:
     """One LMDB environment, opened lazily in each process that uses it (shared per process)."""
 
-    def __init__(self, path: Path, *, writable: bool, map_size: int) -> None:
+    def __init__(self, path: Path, *, writable: bool, map_size: int, readahead: bool) -> None:
         self.path = path
         self.writable = writable
         self.map_size = map_size
+        self.readahead = readahead
         self.key = str(path.resolve())
         self._dbs: dict[bytes, Any] = {}
 
     def env(self) -> lmdb.Environment:
-        env, self._dbs = _open_env(self.key, self.path, self.writable, self.map_size)
+        env, self._dbs = _open_env(self.key, self.path, self.writable, self.map_size, self.readahead)
         return env
 
     def db(self, name: bytes) -> Any:
         self.env()
         return self._dbs[name]
 
-    def read(self, fn: Any) -> Any:
-        """Runs ``fn(txn)`` in a read transaction; follows a map another process grew."""
+    def read(self, fn: Callable[[lmdb.Transaction], Any], *, buffers: bool = False) -> Any:
+        """Runs ``fn(txn)`` in one read transaction; follows a map another process grew.
+
+        With ``buffers``, values are ``memoryview`` s of the memory map, valid only inside ``fn``.
+        """
         env = self.env()
         for attempt in range(2):
             try:
-                with env.begin(buffers=False) as txn:
+                with env.begin(buffers=buffers) as txn:
                     return fn(txn)
             except lmdb.MapResizedError:
                 if attempt:
@@ -310,7 +174,7 @@ class _Shard:
                 env.set_mapsize(0)
         return None
 
-    def write(self, fn: Any) -> None:
+    def write(self, fn: Callable[[lmdb.Transaction], None]) -> None:
         """Runs ``fn(txn)`` in one write transaction, doubling the map while LMDB says it is full."""
         if not self.writable:
             raise CacheError(f"the cache {self.path} is open read-only; open it with writable=True to write")
@@ -330,6 +194,16 @@ class _Shard:
         self._dbs = {}
 
 
+def _unsalted_warning(path: Path) -> None:
+    logger.warning(
+        "writing the cache %s without a secret: its keys are unsalted hashes of the images, so anyone holding a "
+        "candidate photo can compute its key and test whether that photo is in the cache (a membership test), and "
+        "its values are checksummed but not authenticated. Pass secret= (or set ANONLOADER_SECRET) to salt the "
+        "keys and authenticate every value",
+        path,
+    )
+
+
 class AnonCache:
     """The anonymized-image cache at ``path``.
 
@@ -339,12 +213,17 @@ class AnonCache:
         writable: open for writing (one LMDB only; sharded caches are read-only).
         fingerprint: the pipeline fingerprint this cache must hold; a cache written by another
             pipeline raises :class:`CacheFingerprintError` on first use. Required to create one.
-        salt_check: :func:`anonloader.cache.keys.salt_check` of the secret's salt, checked the
-            same way (a wrong secret would silently miss every entry otherwise).
-        codec: how new images are encoded (``"png"``, ``"webp"``, ``"jpeg[:quality]"``,
-            ``"raw"`` or a codec object); stored entries keep their own codec.
+        secret: the secret the cache was (or is to be) written with (``str``, ``bytes``, a
+            ``Secret``), or its derived :class:`CacheKeys`; only the subkeys are kept. A cache
+            written with a secret authenticates every value (HMAC-SHA256) and cannot be read
+            without it; one written without a secret logs a warning (membership tests).
+        salt_check: the expected salt check, when only that is known (``keys.salt_check``
+            otherwise).
+        codec: how new images are encoded (see :func:`~anonloader.cache.codecs.get_codec`;
+            default ``"zstd"``, lossless); stored entries keep their own codec.
         method: the method's name, stored in every entry's metadata.
         map_size: initial LMDB map size in bytes; it doubles whenever it fills up.
+        readahead: LMDB readahead for readers (default off, see the module doc).
 
     Nothing is opened here: each process opens its own environment on first use.
     """
@@ -355,16 +234,20 @@ class AnonCache:
         *,
         writable: bool = False,
         fingerprint: str | None = None,
+        secret: Any = None,
         salt_check: str | None = None,
-        codec: str | Codec = "png",
+        codec: str | Codec | None = None,
         method: str | None = None,
         map_size: int = DEFAULT_MAP_SIZE,
+        readahead: bool = False,
     ) -> None:
         self.path = Path(path).expanduser()
         self.writable = writable
         self.codec = get_codec(codec)
+        self.keys = CacheKeys.from_secret(secret) if secret is not None else None
+        self.sealer = Sealer(None if self.keys is None else self.keys.mac_key)
         self.expected_fingerprint = fingerprint
-        self.expected_salt_check = salt_check
+        self.expected_salt_check = salt_check if salt_check is not None else (None if self.keys is None else self.keys.salt_check)
         self.method = method
         self.manifest: dict[str, Any] | None = None
         if writable:
@@ -378,10 +261,10 @@ class AnonCache:
                     raise CacheError(f"cannot create a cache at {self.path}: it exists and is not an anonloader cache")
             if not (self.path / "data.mdb").is_file() and fingerprint is None:
                 raise CacheError(f"creating a cache at {self.path} needs the pipeline fingerprint")
-            self._shards = [_Shard(self.path, writable=True, map_size=map_size)]
+            self._shards = [_Shard(self.path, writable=True, map_size=map_size, readahead=readahead)]
         else:
             _, shard_paths, self.manifest = resolve_cache_path(self.path)
-            self._shards = [_Shard(p, writable=False, map_size=map_size) for p in shard_paths]
+            self._shards = [_Shard(p, writable=False, map_size=map_size, readahead=readahead) for p in shard_paths]
         self._checked_pid = -1
         self._meta: dict[str, Any] | None = None
 
@@ -393,68 +276,80 @@ class AnonCache:
 
     def __repr__(self) -> str:
         mode = "writable" if self.writable else "read-only"
-        return f"AnonCache({str(self.path)!r}, {mode}, shards={len(self._shards)})"
+        return f"AnonCache({str(self.path)!r}, {mode}, shards={len(self._shards)}, keyed={self.sealer.keyed})"
 
-    def _read_meta(self, shard: _Shard) -> dict[str, Any]:
-        def read(txn: lmdb.Transaction) -> dict[str, Any]:
-            return {k.decode(): json.loads(v) for k, v in txn.cursor(db=shard.db(b"meta"))}
+    def _read_meta(self, shard: _Shard) -> dict[str, Any] | None:
+        what = f"metadata of the cache {shard.path}"
 
-        return shard.read(read)
+        def read(txn: lmdb.Transaction) -> tuple[bytes | None, bytes | None]:
+            db = shard.db(b"meta")
+            return txn.get(_META_KEY, db=db), txn.get(_OLD_META_KEY, db=db)
+
+        value, old = shard.read(read)
+        if value is None:
+            if old is not None:
+                raise CacheFingerprintError(old_format_message(shard.path, old.decode(errors="replace")))
+            return None
+        found = peek_meta(value, what)
+        if found.get("format") != CACHE_FORMAT_VERSION:
+            raise CacheFingerprintError(old_format_message(shard.path, found.get("format")))
+        if self.expected_salt_check is not None and found.get("salt_check") != self.expected_salt_check:
+            raise CacheFingerprintError(
+                f"the cache {shard.path} was written with another secret (or without one); pass the secret it was "
+                "precomputed with, or use another cache path"
+            )
+        if found["keyed"] and not self.sealer.keyed:
+            raise CacheError(
+                f"the cache {shard.path} is authenticated with a secret: pass the secret it was precomputed with "
+                "(secret=..., or ANONLOADER_SECRET / --secret-env for the command line) to read it"
+            )
+        return open_meta(self.sealer, value, what)
 
     def _ensure(self) -> None:
-        """Opens this process's environments once and checks fingerprint and secret."""
+        """Opens this process's environments once and checks format, secret and fingerprint."""
         if self._checked_pid == os.getpid():
             return
         metas = [self._read_meta(shard) for shard in self._shards]
-        if self.writable and not metas[0]:
+        if self.writable and metas[0] is None:
             meta = {
+                "format": CACHE_FORMAT_VERSION,
                 "fingerprint": self.expected_fingerprint,
                 "salt_check": self.expected_salt_check or "none",
                 "codec": self.codec.config(),
                 "anonloader_version": __version__,
-                "cache_format": CACHE_FORMAT_VERSION,
                 "method": self.method,
                 "source_size": None,
             }
+            if self.expected_salt_check is not None and self.expected_salt_check != "none" and not self.sealer.keyed:
+                raise CacheError(f"creating the salted cache {self.path} needs the secret (secret=...), not only its salt check")
             self._put_meta(meta)
-            metas = [meta]
+            metas = [dict(meta, keyed=self.sealer.keyed)]
         for shard, meta in zip(self._shards, metas, strict=True):
-            if not meta:
+            if meta is None:
                 raise CacheError(f"{shard.path} holds no anonloader cache metadata; it is not a cache")
             self._check_meta(shard.path, meta)
         self._meta = metas[0]
+        if self.writable and not self.sealer.keyed:
+            _unsalted_warning(self.path)
         self._checked_pid = os.getpid()
 
     def _check_meta(self, path: Path, meta: dict[str, Any]) -> None:
-        if meta.get("cache_format") != CACHE_FORMAT_VERSION:
-            raise CacheFingerprintError(
-                f"the cache {path} has format {meta.get('cache_format')}, this anonloader writes "
-                f"format {CACHE_FORMAT_VERSION}; precompute it again with this version"
-            )
         if self.expected_fingerprint is not None and meta["fingerprint"] != self.expected_fingerprint:
             raise CacheFingerprintError(
                 f"the cache {path} was written by another pipeline (fingerprint "
                 f"{meta['fingerprint'][:12]}…, method {meta.get('method')!r}); this pipeline's fingerprint is "
                 f"{self.expected_fingerprint[:12]}…. Use another cache path, or the settings it was made with"
             )
-        if self.expected_salt_check is not None and meta["salt_check"] != self.expected_salt_check:
-            raise CacheFingerprintError(
-                f"the cache {path} was written with another secret (or without one); pass the secret it was "
-                "precomputed with, or use another cache path"
-            )
 
     def _put_meta(self, meta: dict[str, Any]) -> None:
         shard = self._shards[0]
-
-        def put(txn: lmdb.Transaction) -> None:
-            for name, value in meta.items():
-                txn.put(name.encode(), json.dumps(value).encode(), db=shard.db(b"meta"))
-
-        shard.write(put)
+        stored = {k: v for k, v in meta.items() if k != "keyed"}
+        shard.write(lambda txn: txn.put(_META_KEY, pack_meta(self.sealer, stored), db=shard.db(b"meta")))
 
     @property
     def meta(self) -> dict[str, Any]:
-        """Cache-level metadata: fingerprint, salt check, codec, version, method, source size."""
+        """Cache-level metadata: format, fingerprint, salt check, codec, version, method, source
+        size, and whether values are authenticated (``keyed``)."""
         self._ensure()
         assert self._meta is not None
         return dict(self._meta)
@@ -465,10 +360,10 @@ class AnonCache:
 
     def set_source_size(self, size: int) -> None:
         """Records how many samples the source has (so missing samples can be counted)."""
-        self._ensure()
-        self._put_meta({"source_size": int(size)})
-        assert self._meta is not None
-        self._meta["source_size"] = int(size)
+        meta = self.meta
+        meta["source_size"] = int(size)
+        self._put_meta(meta)
+        self._meta = meta
 
     def entry_meta(self) -> dict[str, Any]:
         """The fields stored in every new entry's metadata."""
@@ -497,35 +392,68 @@ class AnonCache:
                 return value
         return None
 
-    def get(self, key: bytes, *, what: str | None = None) -> CacheEntry | None:
-        """The entry under ``key`` or ``None``. Raises :class:`CacheCorruptError` when corrupt."""
-        value = self.get_raw(key)
+    def _entry_in(self, shard: _Shard, txn: lmdb.Transaction, key: bytes, what: str) -> CacheEntry | None:
+        value = txn.get(key, db=shard.db(b"entries"))
         if value is None:
             return None
-        return unpack_entry(value, what or f"cache entry {key.hex()} in {self.path}")
+        entry = EntryRecord.unpack(self.sealer, key, value, what)
+        if entry.ref is not None and entry.codec is not None:
+            index, slot = entry.ref
+            stored = txn.get(index_key(index), db=shard.db(b"samples"))
+            if stored is None:
+                raise CacheCorruptError(f"{what}: its pixels are in sample {index}, which is not in the cache; run anonloader precompute")
+            view = SampleView.open(self.sealer, index, stored, f"sample {index} in {shard.path}")
+            if slot >= len(view.images) or view.keys[slot] != key:
+                raise CacheCorruptError(f"{what}: sample {index} image {slot} holds another image; run anonloader cache verify")
+            image = view.images[slot].stored
+            entry.codec, entry.payload = image.codec, bytes(image.payload)
+        return entry
+
+    def get(self, key: bytes, *, what: str | None = None) -> CacheEntry | None:
+        """The entry under ``key`` with its pixels, or ``None``.
+
+        Raises:
+            CacheCorruptError: the stored bytes are corrupt or (keyed cache) not authentic.
+        """
+        self._ensure()
+        label = what or f"cache entry {key.hex()} in {self.path}"
+        for shard in self._shards:
+            entry = shard.read(lambda txn, s=shard: self._entry_in(s, txn, key, label))
+            if entry is not None:
+                return entry
+        return None
 
     def __contains__(self, key: bytes) -> bool:
         return self.get_raw(key) is not None
 
-    def put(self, key: bytes, image: torch.Tensor | None, records: Sequence[FaceRecord] = ()) -> None:
-        """Stores one anonymized image (``3,H,W float in [0,1]``, or ``None`` when dropped)."""
-        self.write([(key, image, records)])
+    def put(self, key: bytes, image: torch.Tensor | None, records: Sequence[FaceRecord] = (), error: str | None = None) -> None:
+        """Stores one anonymized image (``C,H,W float in [0,1]`` or ``uint8``, or ``None`` when
+        dropped); ``error`` marks it as a failure (never served as a success)."""
+        self.write([(key, image, records, error)])
 
-    def encode(self, image: torch.Tensor | None, records: Sequence[FaceRecord] = (), error: str | None = None) -> bytes:
-        """The stored bytes of an image (encode in workers, :meth:`write_encoded` in the writer)."""
-        return pack_entry(image, records, self.codec, self.entry_meta(), error)
+    def encode(self, key: bytes, image: torch.Tensor | None, records: Sequence[FaceRecord] = (), error: str | None = None) -> bytes:
+        """The sealed stored bytes of the entry under ``key`` (encode in workers,
+        :meth:`write_encoded` in the writer)."""
+        return EntryRecord.build(image, records, self.codec, self.entry_meta(), error).pack(self.sealer, key)
 
     def write(
         self,
-        entries: Iterable[tuple[bytes, torch.Tensor | None, Sequence[FaceRecord]]] = (),
+        entries: Iterable[tuple[Any, ...]] = (),
         samples: Iterable[tuple[int, SampleRecord]] = (),
     ) -> None:
-        """Encodes and stores ``(key, image, records)`` entries and sample records, in one commit."""
-        encoded = [(key, self.encode(image, records)) for key, image, records in entries]
-        self.write_encoded(encoded, [(i, s.pack()) for i, s in samples])
+        """Encodes and stores ``(key, image, records[, error])`` entries and sample records, in one commit."""
+        encoded = [(item[0], self.encode(*item)) for item in entries]
+        self.write_encoded(encoded, [(i, s.pack(self.sealer, i)) for i, s in samples])
 
-    def write_encoded(self, entries: Sequence[tuple[bytes, bytes]], samples: Sequence[tuple[int, bytes]] = ()) -> None:
-        """Stores already packed entries and samples in one transaction (all or nothing)."""
+    def write_encoded(
+        self,
+        entries: Sequence[tuple[bytes, bytes]],
+        samples: Sequence[tuple[int, bytes]] = (),
+        failures: Sequence[tuple[int, bytes]] = (),
+        resolved: Sequence[int] = (),
+    ) -> None:
+        """Stores sealed entries, sample records and failure records in one transaction (all or
+        nothing); ``resolved`` sample indices have their failure record removed."""
         self._ensure()
         shard = self._shards[0]
 
@@ -533,32 +461,84 @@ class AnonCache:
             for key, value in entries:
                 txn.put(key, value, db=shard.db(b"entries"))
             for index, value in samples:
-                txn.put(_INDEX.pack(index), value, db=shard.db(b"samples"))
+                txn.put(index_key(index), value, db=shard.db(b"samples"))
+            for index in resolved:
+                txn.delete(index_key(index), db=shard.db(b"failures"))
+            for index, value in failures:
+                txn.put(index_key(index), value, db=shard.db(b"failures"))
 
         shard.write(put)
 
     # -- samples ----------------------------------------------------------------------------
     def get_sample(self, index: int) -> SampleRecord | None:
-        """The stored record of sample ``index``, or ``None``."""
+        """The stored record of sample ``index`` (a copy), or ``None``."""
         self._ensure()
-        packed = _INDEX.pack(index)
+        packed = index_key(index)
         for shard in self._shards:
             value = shard.read(lambda txn, s=shard: txn.get(packed, db=s.db(b"samples")))
             if value is not None:
-                return SampleRecord.unpack(value, f"sample {index} in {shard.path}")
+                return SampleView.open(self.sealer, index, value, f"sample {index} in {shard.path}").to_record()
         return None
 
-    def sample_indices(self) -> list[int]:
-        """Every stored sample index, ascending (over all shards)."""
+    def _keys_of(self, name: bytes) -> list[list[int]]:
         self._ensure()
-        indices: list[int] = []
+        out = []
         for shard in self._shards:
 
             def keys(txn: lmdb.Transaction, s: _Shard = shard) -> list[int]:
-                return [_INDEX.unpack(k)[0] for k in txn.cursor(db=s.db(b"samples")).iternext(values=False)]
+                db = s.db(name)
+                if db is None:
+                    return []
+                return [int.from_bytes(bytes(k), "big") for k in txn.cursor(db=db).iternext(values=False)]
 
-            indices.extend(shard.read(keys))
-        return sorted(set(indices))
+            out.append(shard.read(keys))
+        return out
+
+    def sample_indices(self) -> list[int]:
+        """Every stored sample index, ascending (over all shards)."""
+        return sorted({i for shard in self._keys_of(b"samples") for i in shard})
+
+    def sample_shards(self) -> list[tuple[int, int]]:
+        """``(sample index, shard number)`` of every stored sample, by index."""
+        found: dict[int, int] = {}
+        for number, indices in enumerate(self._keys_of(b"samples")):
+            for index in indices:
+                found.setdefault(index, number)
+        return sorted(found.items())
+
+    def failed_indices(self) -> list[int]:
+        """Indices of samples with a recorded failure (retried by a resumed precompute)."""
+        return sorted({i for shard in self._keys_of(b"failures") for i in shard})
+
+    def failures(self) -> list[FailureRecord]:
+        """Every recorded failure (index, source path, reason), by index."""
+        return sorted(
+            (FailureRecord.unpack(self.sealer, index, value, f"failure record {index} in {path}") for path, index, value in self.iter_failures()),
+            key=lambda f: f.index,
+        )
+
+    def read_samples(self, positions: Sequence[tuple[int, int]], build: Callable[[int, SampleView | None], Any]) -> list[Any]:
+        """``build(index, view)`` for each ``(sample index, shard number)``, in order, with one
+        read transaction per shard touched; ``view`` (or ``None`` when absent) is valid only
+        inside ``build`` (its payloads are views of the memory map)."""
+        self._ensure()
+        out: list[Any] = [None] * len(positions)
+        by_shard: dict[int, list[int]] = {}
+        for at, (_, number) in enumerate(positions):
+            by_shard.setdefault(number, []).append(at)
+        for number, ats in by_shard.items():
+            shard = self._shards[number]
+            db = shard.db(b"samples")
+
+            def run(txn: lmdb.Transaction, ats: list[int] = ats, shard: _Shard = shard, db: Any = db) -> None:
+                for at in ats:
+                    index = positions[at][0]
+                    value = txn.get(index_key(index), db=db)
+                    view = None if value is None else SampleView.open(self.sealer, index, value, f"sample {index} in {shard.path}")
+                    out[at] = build(index, view)
+
+            shard.read(run, buffers=True)
+        return out
 
     def missing_message(self, missing: int, total: int) -> str:
         return (
@@ -566,57 +546,81 @@ class AnonCache:
             "with the same settings to fill it (read-only mode never anonymizes on the fly)"
         )
 
-    def as_dataset(self, *, allow_partial: bool = False) -> CachedDataset:
-        """The cache as a map-style dataset of whole anonymized samples, in the source's order.
+    def as_dataset(self, *, allow_partial: bool = False) -> Any:
+        """The cache as a map-style dataset of whole anonymized samples, in the source's order
+        (:class:`~anonloader.cache.dataset.CachedDataset`).
 
         Needs no original image. Raises :class:`CacheMissError` when samples of the source are
         missing, unless ``allow_partial`` (then only the stored samples are served).
         """
-        indices = self.sample_indices()
+        from anonloader.cache.dataset import CachedDataset
+
+        positions = self.sample_shards()
         total = self.meta.get("source_size")
-        if total is not None and len(indices) < total and not allow_partial:
+        if total is not None and len(positions) < total and not allow_partial:
             self.close()
-            raise CacheMissError(self.missing_message(total - len(indices), total))
+            raise CacheMissError(self.missing_message(total - len(positions), total))
         self.close()  # nothing stays open across the DataLoader's fork
-        return CachedDataset(self, indices)
+        return CachedDataset(self, positions)
 
     # -- whole-cache operations -------------------------------------------------------------
-    def iter_entries(self) -> Iterator[tuple[Path, bytes, bytes]]:
-        """``(shard path, key, stored bytes)`` of every entry, shard by shard, in key order."""
+    def _iter_db(self, name: bytes) -> Iterator[tuple[Path, bytes, bytes]]:
         self._ensure()
         for shard in self._shards:
+            db = shard.db(name)
+            if db is None:
+                continue
             with shard.env().begin() as txn:
-                for key, value in txn.cursor(db=shard.db(b"entries")):
+                for key, value in txn.cursor(db=db):
                     yield shard.path, bytes(key), bytes(value)
+
+    def iter_entries(self) -> Iterator[tuple[Path, bytes, bytes]]:
+        """``(shard path, key, stored bytes)`` of every entry, shard by shard, in key order."""
+        return self._iter_db(b"entries")
 
     def iter_samples(self) -> Iterator[tuple[Path, int, bytes]]:
         """``(shard path, index, stored bytes)`` of every sample record."""
-        self._ensure()
-        for shard in self._shards:
-            with shard.env().begin() as txn:
-                for key, value in txn.cursor(db=shard.db(b"samples")):
-                    yield shard.path, _INDEX.unpack(key)[0], bytes(value)
+        for path, key, value in self._iter_db(b"samples"):
+            yield path, int.from_bytes(key, "big"), value
+
+    def iter_failures(self) -> Iterator[tuple[Path, int, bytes]]:
+        """``(shard path, index, stored bytes)`` of every failure record."""
+        for path, key, value in self._iter_db(b"failures"):
+            yield path, int.from_bytes(key, "big"), value
 
     def verify(self, *, decode: bool = False) -> VerifyReport:
-        """Checks every checksum (and, with ``decode``, that every image decodes)."""
+        """Checks every value's tag and structure (and, with ``decode``, that every image
+        decodes); never executes anything stored. Keyed caches need their secret."""
         report = VerifyReport()
         for path, key, value in self.iter_entries():
             report.entries += 1
             try:
-                entry = unpack_entry(value, f"entry {key.hex()} in {path}")
-                if decode:
+                entry = EntryRecord.unpack(self.sealer, key, value, f"entry {key.hex()} in {path}")
+                entry.face_records()
+                if decode and entry.ref is None:
                     entry.image_uint8()
-            except CacheCorruptError as error:
+            except CacheError as error:
                 report.corrupt.append(str(error))
         for path, index, value in self.iter_samples():
             report.samples += 1
             try:
-                SampleRecord.unpack(value, f"sample {index} in {path}")
-            except (CacheCorruptError, pickle.UnpicklingError) as error:
+                view = SampleView.open(self.sealer, index, value, f"sample {index} in {path}")
+                view.skeleton()
+                view.alphas()
+                if decode:
+                    for image in view.images:
+                        image.stored.pixels()
+            except CacheError as error:
+                report.corrupt.append(str(error))
+        for path, index, value in self.iter_failures():
+            report.failures += 1
+            try:
+                FailureRecord.unpack(self.sealer, index, value, f"failure record {index} in {path}")
+            except CacheError as error:
                 report.corrupt.append(str(error))
         if self.manifest is not None:
             for shard_info, shard in zip(self.manifest["shards"], self._shards, strict=True):
-                single = AnonCache(shard.path)
+                single = AnonCache(shard.path, secret=self.keys)
                 try:
                     digest = single.summary()["checksum"]
                 finally:
@@ -626,33 +630,47 @@ class AnonCache:
         return report
 
     def summary(self) -> dict[str, Any]:
-        """Counts, key and index ranges and a content checksum (one shard: its manifest entry)."""
+        """Counts (by status), key and index ranges, failures and a content checksum (one
+        shard: its manifest entry)."""
         meta = self.meta
         digest = xxhash.xxh3_128()
         entries = samples = size = 0
+        statuses = {"ok": 0, "dropped": 0, "failed": 0}
         key_min = key_max = None
-        for _, key, value in self.iter_entries():
+        for path, key, value in self.iter_entries():
             entries += 1
             size += len(value)
-            digest.update(key + value[4:12])
+            digest.update(key + Sealer.tag_of(value))
             key_min = key if key_min is None else min(key_min, key)
             key_max = key if key_max is None else max(key_max, key)
+            status = EntryRecord.unpack(self.sealer, key, value, f"entry {key.hex()} in {path}").status
+            statuses[status] = statuses.get(status, 0) + 1
         indices = []
         for _, index, value in self.iter_samples():
             samples += 1
             size += len(value)
-            digest.update(_INDEX.pack(index) + value[4:12])
+            digest.update(index_key(index) + Sealer.tag_of(value))
             indices.append(index)
+        failures = []
+        for path, index, value in self.iter_failures():
+            size += len(value)
+            digest.update(b"F" + index_key(index) + Sealer.tag_of(value))
+            failure = FailureRecord.unpack(self.sealer, index, value, f"failure record {index} in {path}")
+            failures.append({"index": failure.index, "path": failure.path, "reason": failure.reason, "kind": failure.kind})
         return {
             "path": str(self.path),
             "fingerprint": meta["fingerprint"],
             "salt_check": meta["salt_check"],
+            "keyed": meta.get("keyed", False),
             "anonloader_version": meta.get("anonloader_version"),
             "method": meta.get("method"),
             "codec": meta.get("codec"),
             "source_size": meta.get("source_size"),
             "entries": entries,
+            "failed_entries": statuses["failed"],
+            "dropped_entries": statuses["dropped"],
             "samples": samples,
+            "failures": failures,
             "bytes": size,
             "key_min": key_min.hex() if key_min else None,
             "key_max": key_max.hex() if key_max else None,
@@ -662,97 +680,32 @@ class AnonCache:
         }
 
     def stats(self) -> dict[str, Any]:
-        """What ``anonloader cache stats`` prints."""
+        """What ``anonloader cache stats`` prints (failures counted, the first 20 listed)."""
         summaries = []
         for shard in self._shards:
-            single = self if len(self._shards) == 1 else AnonCache(shard.path)
+            single = self if len(self._shards) == 1 else AnonCache(shard.path, secret=self.keys)
             summaries.append(single.summary())
             if single is not self:
                 single.close()
         source_size = self.meta.get("source_size")
         samples = sum(s["samples"] for s in summaries)
+        failures = sorted((f for s in summaries for f in s["failures"]), key=lambda f: f["index"])
         return {
             "path": str(self.path),
+            "format": CACHE_FORMAT_VERSION,
             "fingerprint": self.meta["fingerprint"],
+            "keyed": self.meta.get("keyed", False),
             "method": self.meta.get("method"),
             "codec": self.meta.get("codec"),
             "anonloader_version": self.meta.get("anonloader_version"),
             "shards": len(summaries),
             "entries": sum(s["entries"] for s in summaries),
+            "failed_entries": sum(s["failed_entries"] for s in summaries),
+            "dropped_entries": sum(s["dropped_entries"] for s in summaries),
             "samples": samples,
+            "failed_samples": len(failures),
+            "failures": [f"sample {f['index']} ({f['path'] or 'no path'}): {f['reason']}" for f in failures[:20]],
             "source_size": source_size,
             "missing_samples": None if source_size is None else max(0, source_size - samples),
             "bytes": sum(s["bytes"] for s in summaries),
         }
-
-
-class CachedDataset(torch.utils.data.Dataset):
-    """Whole anonymized samples read from an :class:`AnonCache`, in the source's order.
-
-    ``dataset[i]`` is the ``i``-th stored sample rebuilt with ``join_sample`` (the original
-    types and non-image fields), or ``None`` when the pipeline dropped one of its images (use
-    ``anonloader.collate_skip_dropped``). Safe in forked DataLoader workers.
-    """
-
-    def __init__(self, cache: AnonCache, indices: list[int]) -> None:
-        self.cache = cache
-        self.indices = indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def source_index(self, i: int) -> int:
-        """The index in the original dataset of stored sample ``i``."""
-        return self.indices[i]
-
-    def __getitem__(self, i: int) -> Any:
-        from anonloader.data.adapters import join_sample
-
-        index = self.indices[i]
-        record = self.cache.get_sample(index)
-        if record is None:
-            raise CacheMissError(self.cache.missing_message(1, len(self.indices)) + f" (sample {index})")
-        images = []
-        for slot, key in enumerate(record.keys):
-            entry = self.cache.get(key, what=f"sample {index} image {slot} ({key.hex()})")
-            if entry is None:
-                raise CacheMissError(f"sample {index}: image {slot} is not in the cache at {self.cache.path}; run anonloader precompute")
-            pixels = entry.image_uint8()
-            if pixels is None:
-                return None
-            images.append(pixels)
-        if record.alphas is None and _uint8_rgb_slots_only(record.skeleton):
-            return _fill_slots(record.skeleton, images)  # the stored uint8 pixels are the answer
-        alphas = None if record.alphas is None else [None if a is None else a.float().div(255.0) for a in record.alphas]
-        return join_sample(record.skeleton, [p.float().div_(255.0) for p in images], alphas)
-
-
-def _slots_of(skeleton: Any) -> list[Any]:
-    from anonloader.data.adapters import ImageSlot
-
-    if isinstance(skeleton, ImageSlot):
-        return [skeleton]
-    values = skeleton.values() if isinstance(skeleton, dict) else skeleton if isinstance(skeleton, (tuple, list)) else []
-    return [v for v in values if isinstance(v, ImageSlot)]
-
-
-def _uint8_rgb_slots_only(skeleton: Any) -> bool:
-    """Whether every image slot is a ``3,H,W uint8`` tensor (restored without a float round trip)."""
-    slots = _slots_of(skeleton)
-    return bool(slots) and all(
-        s.kind == "tensor" and s.layout == "chw" and s.dtype == "uint8" and s.channels == 3 for s in slots
-    )
-
-
-def _fill_slots(skeleton: Any, images: list[torch.Tensor]) -> Any:
-    from anonloader.data.adapters import ImageSlot
-
-    def fill(value: Any) -> Any:
-        return images[value.position] if isinstance(value, ImageSlot) else value
-
-    if isinstance(skeleton, ImageSlot):
-        return fill(skeleton)
-    if isinstance(skeleton, dict):
-        return {k: fill(v) for k, v in skeleton.items()}
-    items = [fill(v) for v in skeleton]
-    return type(skeleton)(*items) if hasattr(skeleton, "_fields") else type(skeleton)(items)

@@ -74,17 +74,17 @@ def identity_label(sample: dict[str, Any]) -> int:
     return int(sample["label"])
 
 
-def cache_entries(path) -> dict[bytes, bytes]:
+def cache_entries(path, secret=None) -> dict[bytes, bytes]:
     """Every image entry of the cache at ``path`` (all shards), key -> stored bytes."""
     from anonloader.cache.store import AnonCache
 
-    with AnonCache(path) as cache:
+    with AnonCache(path, secret=secret) as cache:
         return {key: value for _, key, value in cache.iter_entries()}
 
 
-def cache_samples(path) -> dict[int, bytes]:
+def cache_samples(path, secret=None) -> dict[int, bytes]:
     """Every sample record of the cache at ``path`` (all shards), index -> stored bytes."""
     from anonloader.cache.store import AnonCache
 
-    with AnonCache(path) as cache:
+    with AnonCache(path, secret=secret) as cache:
         return {index: value for _, index, value in cache.iter_samples()}

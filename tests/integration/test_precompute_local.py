@@ -109,22 +109,26 @@ def test_hugging_face_dataset_folder(tmp_path):
 
 def test_cli_precompute_stats_verify_merge_and_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
-    monkeypatch.setenv("ANONLOADER_SECRET", "s3cret-value-for-tests")
+    secret = "s3cret-value-for-tests"
+    monkeypatch.setenv("ANONLOADER_SECRET", secret)
     code = cache_main(["precompute", "_cache_faces:make_dataset", str(tmp_path / "c"), "--detector", "none",
                        "--annotations", "_cache_faces:face_annotations", "--limit", "3", "-q", "--codec", "webp"])
     assert code == 0
     assert "3 computed, 0 already cached" in capsys.readouterr().out
     assert cache_main(["cache", "stats", str(tmp_path / "c")]) == 0
     stats = capsys.readouterr().out
-    assert "entries" in stats and "'webp'" in stats and "s3cret" not in stats
+    assert "entries" in stats and "'webp'" in stats and "s3cret" not in stats and "keyed" in stats
     assert cache_main(["cache", "verify", str(tmp_path / "c")]) == 0
     assert "0 corrupt" in capsys.readouterr().out
     assert cache_main(["cache", "merge", str(tmp_path / "c"), str(tmp_path / "m")]) == 0
-    assert cache_entries(tmp_path / "c") == cache_entries(tmp_path / "m")
+    assert cache_entries(tmp_path / "c", secret) == cache_entries(tmp_path / "m", secret)
     capsys.readouterr()
     assert cache_main(["cache", "stats", str(tmp_path / "nowhere")]) == 2
     assert "does not exist; run anonloader precompute" in capsys.readouterr().err
-    # another secret is another cache
+    # a keyed cache is unreadable without its secret, and another secret is another cache
+    monkeypatch.delenv("ANONLOADER_SECRET")
+    assert cache_main(["cache", "verify", str(tmp_path / "c")]) == 2
+    assert "authenticated with a secret" in capsys.readouterr().err
     monkeypatch.setenv("ANONLOADER_SECRET", "another-secret")
     assert cache_main(["precompute", "_cache_faces:make_dataset", str(tmp_path / "c"), "--detector", "none",
                        "--annotations", "_cache_faces:face_annotations", "--limit", "3", "-q"]) == 2

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
 
 import pytest
 import torch
 
 from anonloader.cache import store as store_module
+from anonloader.cache.codecs import get_codec
 from anonloader.cache.commands import merge_caches
+from anonloader.cache.format import SampleRecord, StoredImage, image_status
 from anonloader.cache.keys import cache_key
 from anonloader.cache.manifest import shard_name, write_manifest
-from anonloader.cache.store import AnonCache, SampleRecord
+from anonloader.cache.store import AnonCache
 from anonloader.errors import CacheCorruptError, CacheError, CacheFingerprintError, CacheMissError
 from anonloader.types import FaceRecord
 
@@ -26,31 +28,49 @@ def _record() -> FaceRecord:
     return FaceRecord(box=(1.5, 2.25, 30.0, 40.0), landmarks=((3.0, 4.0),) * 5, score=0.99, status="anonymized", synthetic_id=7)
 
 
-def corrupt_value_on_disk(path: Path, value: bytes) -> None:
-    """Flips one byte in the middle of ``value`` inside ``path/data.mdb``."""
+def corrupt_value_on_disk(path, value: bytes, at: float = 0.5) -> None:
+    """Flips one byte of ``value`` (at fraction ``at`` of its length) inside ``path/data.mdb``."""
     data = bytearray((path / "data.mdb").read_bytes())
-    at = data.find(value)
-    assert at >= 0, "value not found contiguously in data.mdb"
-    data[at + len(value) // 2] ^= 0xFF
+    start = data.find(value)
+    assert start >= 0, "value not found contiguously in data.mdb"
+    data[start + int(len(value) * at)] ^= 0xFF
     (path / "data.mdb").write_bytes(bytes(data))
 
 
-def test_put_get_round_trip_with_metadata(tmp_path, astronaut_image):
+def _sample(cache: AnonCache, index: int, image: torch.Tensor | None, fields: dict, error: str | None = None) -> tuple:
+    """``(entries, samples)`` for :meth:`AnonCache.write` of a ``{"image": 3,H,W uint8, **fields}`` sample."""
+    from anonloader.data.adapters import split_sample
+
+    pixels = (image * 255).round().to(torch.uint8) if image is not None else torch.zeros(3, 32, 32, dtype=torch.uint8)
+    images, skeleton = split_sample({"image": pixels, **fields})
+    key = cache_key(images[0].content_bytes(), FP)
+    payload = b"" if image is None else cache.codec.encode(image)
+    stored = StoredImage(image_status(image, error), error, None if image is None else cache.codec.name, payload)
+    return [(key, image, [], error)], [(index, SampleRecord(skeleton, [key], [stored]))]
+
+
+def test_put_get_round_trip_with_metadata(tmp_path, astronaut_image, caplog):
     image = _crops(astronaut_image, 1)[0]
     cache = AnonCache(tmp_path / "c", writable=True, fingerprint=FP, method="blur")
     assert store_module._OPEN_ENVS.get(str((tmp_path / "c").resolve())) is None  # nothing opened in __init__
     key = cache_key(b"src", FP)
-    cache.put(key, image, [_record()])
+    with caplog.at_level(logging.WARNING, logger="anonloader.cache.store"):
+        cache.put(key, image, [_record()])
+    assert "membership test" in caplog.text and "without a secret" in caplog.text
     cache.put(cache_key(b"gone", FP), None, [])
+    cache.put(cache_key(b"failed", FP), image * 0 + 0.5, [], error="image 0: detection failed: RuntimeError: outage")
     cache.close()
     reader = AnonCache(tmp_path / "c")
     entry = reader.get(key)
-    assert torch.equal(entry.image(), image)
+    assert torch.equal(entry.image(), image) and entry.status == "ok" and not entry.failed
     assert entry.records() == [_record()]
     assert entry.meta["fingerprint"] == FP and entry.meta["method"] == "blur" and entry.meta["anonloader_version"]
-    assert reader.get(cache_key(b"gone", FP)).image() is None
+    assert reader.get(cache_key(b"gone", FP)).image() is None and reader.get(cache_key(b"gone", FP)).status == "dropped"
+    failed = reader.get(cache_key(b"failed", FP))
+    assert failed.failed and "outage" in failed.error and failed.image() is not None  # stored as a failure
     assert reader.get(cache_key(b"absent", FP)) is None
-    assert reader.stats()["entries"] == 2
+    stats = reader.stats()
+    assert (stats["entries"], stats["failed_entries"], stats["dropped_entries"], stats["keyed"]) == (3, 1, 1, False)
     with pytest.raises(CacheError, match="read-only"):
         reader.put(key, image)
 
@@ -65,7 +85,7 @@ def test_map_size_grows_when_full(tmp_path, astronaut_image):
     cache.close()
 
 
-def test_bad_paths_and_other_fingerprints_give_clear_errors(tmp_path, astronaut_image):
+def test_bad_paths_other_fingerprints_and_secrets_give_clear_errors(tmp_path, astronaut_image):
     with pytest.raises(CacheError, match="does not exist; run anonloader precompute"):
         AnonCache(tmp_path / "missing")
     (tmp_path / "plain").mkdir()
@@ -74,13 +94,16 @@ def test_bad_paths_and_other_fingerprints_give_clear_errors(tmp_path, astronaut_
         AnonCache(tmp_path / "plain")
     with pytest.raises(CacheError, match="not an anonloader cache"):
         AnonCache(tmp_path / "plain", writable=True, fingerprint=FP)
-    cache = AnonCache(tmp_path / "c", writable=True, fingerprint=FP, salt_check="abc", method="blur")
+    cache = AnonCache(tmp_path / "c", writable=True, fingerprint=FP, secret="first secret", method="blur")
     cache.put(cache_key(b"x", FP), _crops(astronaut_image, 1)[0])
     cache.close()
     with pytest.raises(CacheFingerprintError, match="another pipeline.*method 'blur'"):
-        AnonCache(tmp_path / "c", writable=True, fingerprint="0" * 64).get(cache_key(b"x", FP))
+        AnonCache(tmp_path / "c", writable=True, fingerprint="0" * 64, secret="first secret").get(cache_key(b"x", FP))
     with pytest.raises(CacheFingerprintError, match="another secret"):
-        AnonCache(tmp_path / "c", salt_check="def").get(cache_key(b"x", FP))
+        AnonCache(tmp_path / "c", secret="second secret").get(cache_key(b"x", FP))
+    with pytest.raises(CacheError, match="authenticated with a secret: pass the secret"):
+        AnonCache(tmp_path / "c").get(cache_key(b"x", FP))
+    assert AnonCache(tmp_path / "c", secret="first secret").get(cache_key(b"x", FP)) is not None
 
 
 def test_corrupt_entry_is_reported_and_never_served(tmp_path, astronaut_image):
@@ -102,12 +125,8 @@ def test_sample_records_and_partial_as_dataset(tmp_path, astronaut_image):
     crops = _crops(astronaut_image, 3)
     cache = AnonCache(tmp_path / "c", writable=True, fingerprint=FP)
     cache.set_source_size(4)
-    from anonloader.data.adapters import split_sample
-
     for i, crop in enumerate(crops):
-        images, skeleton = split_sample({"image": (crop * 255).round().to(torch.uint8), "label": i})
-        key = cache_key(images[0].content_bytes(), FP)
-        cache.write([(key, crop, [])], [(i, SampleRecord(skeleton, [key]))])
+        cache.write(*_sample(cache, i, crop, {"label": i}))
     cache.close()
     reader = AnonCache(tmp_path / "c")
     with pytest.raises(CacheMissError, match="1 of 4 samples are not in the cache.*run anonloader precompute"):
@@ -116,6 +135,30 @@ def test_sample_records_and_partial_as_dataset(tmp_path, astronaut_image):
     assert len(dataset) == 3
     assert [dataset[i]["label"] for i in range(3)] == [0, 1, 2]
     assert torch.equal(dataset[2]["image"], (crops[2] * 255).round().to(torch.uint8))
+
+
+def test_getitems_equals_per_item_reads_and_tensors_are_owned(tmp_path, astronaut_image):
+    crops = _crops(astronaut_image, 5)
+    cache = AnonCache(tmp_path / "c", writable=True, fingerprint=FP, codec="raw")
+    fields = [{"label": i, "name": f"s{i}", "extra": (i, [1.5, None]), "mask": torch.arange(i + 1)} for i in range(5)]
+    for i, crop in enumerate(crops):
+        image = None if i == 2 else crop  # sample 2 was dropped by the pipeline
+        cache.write(*_sample(cache, i, image, fields[i]))
+    cache.close()
+    dataset = AnonCache(tmp_path / "c").as_dataset()
+    order = [4, 0, 2, 3, 1, 0]
+    batch = dataset.__getitems__(order)
+    singles = [dataset[i] for i in order]
+    assert batch[2] is None and singles[2] is None
+    for got, one, i in zip(batch, singles, order):
+        if i == 2:
+            continue
+        assert torch.equal(got["image"], one["image"]) and torch.equal(got["image"], (crops[i] * 255).round().to(torch.uint8))
+        assert (got["label"], got["name"], got["extra"]) == (i, f"s{i}", (i, [1.5, None]))
+        assert torch.equal(got["mask"], torch.arange(i + 1)) and torch.equal(got["mask"], one["mask"])
+    # the served pixels are the caller's: writing into one changes nothing stored
+    batch[0]["image"].fill_(7)
+    assert torch.equal(dataset[4]["image"], (crops[4] * 255).round().to(torch.uint8))
 
 
 def test_shards_open_as_one_cache_and_merge(tmp_path, astronaut_image):
@@ -128,12 +171,12 @@ def test_shards_open_as_one_cache_and_merge(tmp_path, astronaut_image):
         shard.close()
     manifest_path = write_manifest(root)
     whole = AnonCache(root)
-    assert whole.manifest["entries"] == 4 and len(whole.manifest["shards"]) == 2
+    assert whole.manifest["entries"] == 4 and len(whole.manifest["shards"]) == 2 and whole.manifest["failures"] == []
     assert all(s["key_min"] <= s["key_max"] for s in whole.manifest["shards"])
     assert all(torch.equal(whole.get(k).image(), c) for k, c in zip(keys, crops))
     assert whole.verify().ok and AnonCache(manifest_path).stats()["entries"] == 4
     counts = merge_caches([root], tmp_path / "merged")
-    assert counts == {"entries": 4, "samples": 0}
+    assert counts == {"entries": 4, "samples": 0, "failures": 0}
     merged = AnonCache(tmp_path / "merged")
     assert sorted(k for _, k, _ in merged.iter_entries()) == sorted(keys)
     assert merged.verify().ok
@@ -148,3 +191,17 @@ def test_shards_open_as_one_cache_and_merge(tmp_path, astronaut_image):
     other.close()
     with pytest.raises(CacheFingerprintError, match="different pipelines"):
         merge_caches([tmp_path / "merged", tmp_path / "other"], tmp_path / "bad")
+
+
+def test_every_codec_is_recorded_per_entry(tmp_path, astronaut_image):
+    image = _crops(astronaut_image, 1)[0]
+    cache = AnonCache(tmp_path / "c", writable=True, fingerprint=FP)
+    assert cache.meta["codec"]["name"] == "zstd"  # the default
+    for name in ("zstd", "lz4", "raw", "qoi", "png", "webp"):
+        cache.codec = get_codec(name)
+        cache.put(cache_key(name.encode(), FP), image)
+    cache.close()
+    reader = AnonCache(tmp_path / "c")
+    for name in ("zstd", "lz4", "raw", "qoi", "png", "webp"):
+        entry = reader.get(cache_key(name.encode(), FP))
+        assert entry.codec == name and torch.equal(entry.image(), image)
