@@ -17,8 +17,10 @@ What looks like an image (the ambiguity rule):
 
 - a PIL image, any mode;
 - bytes (``bytes``, ``bytearray``, ``memoryview``) that PIL opens as JPEG, PNG, GIF, BMP, TIFF,
-  WebP, PPM/PGM, JPEG 2000, ICO, AVIF/HEIF or QOI, or that start with one of those formats'
-  signatures (then undecodable bytes are an :class:`~anonloader.errors.ImageDecodeError`);
+  WebP, PPM/PGM, JPEG 2000, ICO, AVIF/HEIF, QOI, PSD, DDS, ICNS or SGI (formats with a strong
+  signature; bytes PIL would take for a TGA or PCX file are too often something else), or
+  that start with a JPEG, PNG, GIF, TIFF, WebP, JPEG 2000 or QOI signature (then undecodable
+  bytes are an :class:`~anonloader.errors.ImageDecodeError`);
   a Hugging Face ``{"bytes": ..., "path": ...}`` dict holding such bytes;
 - a ``torch.Tensor`` or ``numpy.ndarray`` with no zero-length axis whose last two (rank 2),
   or whose spatial (rank 3 and 4) axes are all at least :data:`MIN_IMAGE_SIDE` pixels, and:
@@ -100,7 +102,8 @@ MIN_IMAGE_SIDE = 16
 
 #: formats whose files carry a signature strong enough to tell them from other bytes
 ENCODED_FORMATS = frozenset(
-    {"JPEG", "MPO", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "JPEG2000", "ICO", "AVIF", "HEIF", "QOI"}
+    {"JPEG", "MPO", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "JPEG2000", "ICO", "AVIF", "HEIF", "QOI",
+     "PSD", "DDS", "ICNS", "SGI"}
 )
 _SIGNATURES = (
     b"\xff\xd8\xff",  # JPEG
