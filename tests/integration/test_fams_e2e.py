@@ -38,10 +38,14 @@ def test_identity_mode_gives_one_real_person_one_source_through_anonymize(astron
     generator = torch.Generator().manual_seed(0)
     bank = IdentityBank(torch.randn(6, 8, generator=generator), torch.rand(6, 3, 32, 32, generator=generator))
     fams = FAMS(tiny=True, crop_size=64, num_inference_steps=2, bank=bank)
-    sources = []
-    handle = fams.components.referencenet.register_forward_pre_hook(
-        lambda module, args: sources.append(args[0].clone()) if args[0].abs().sum() > 0 else None  # not the null states
-    )
+    sources, embeds = [], []
+
+    def spy(module, args):
+        if args[0].abs().sum() > 0:  # not the null states
+            sources.append(args[0].clone())
+            embeds.append(args[1].clone())
+
+    handle = fams.components.referencenet.register_forward_pre_hook(spy)
     samples = [
         {"image": astronaut_image, "person": "A"},
         {"image": astronaut_image * 0.9, "person": "A"},
@@ -56,8 +60,17 @@ def test_identity_mode_gives_one_real_person_one_source_through_anonymize(astron
         handle.remove()
     assert len(sources) == 4 and all(s.shape[0] == 1 for s in sources)  # one face per photo
     assert torch.equal(sources[1], sources[0]) and torch.equal(sources[2], sources[0])
-    assert not torch.equal(sources[3], sources[0])
+    assert torch.equal(embeds[1], embeds[0]) and torch.equal(embeds[2], embeds[0])
+    assert not torch.equal(sources[3], sources[0]) and not torch.equal(embeds[3], embeds[0])
     assert not torch.equal(outputs[0], astronaut_image)
+    # the bank is part of the pipeline's fingerprint through the method's config
+    from anonloader.pipeline import Anonymizer
+
+    other = IdentityBank(torch.randn(6, 8, generator=generator), torch.rand(6, 3, 32, 32, generator=generator))
+    fingerprints = {
+        Anonymizer(FAMS(tiny=True, crop_size=64, num_inference_steps=2, bank=b), identity=assigner).fingerprint() for b in (bank, other)
+    }
+    assert len(fingerprints) == 2
 
 
 def _save(image, path):
