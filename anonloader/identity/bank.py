@@ -6,7 +6,8 @@ face-swap style methods condition on. Sources:
 
 - :meth:`IdentityBank.from_folder`: a folder of synthetic face images (e.g. DCFace's aligned
   112x112 outputs), one identity per image;
-- :meth:`IdentityBank.from_sampler`: DiffDeID's latent ID sampler (embeddings only);
+- :meth:`IdentityBank.from_sampler`: DiffDeID's latent ID sampler (embeddings, plus 3DMM α'
+  ``coefficients`` with its ``shape_sampler``);
 - :meth:`IdentityBank.from_method`: a method's own samples from seeded generation.
 
 Optionally a bank also holds ``features`` (``N,D'``): each identity in an *attribute space*
@@ -59,6 +60,8 @@ class IdentityBank:
         meta: JSON-able provenance (source, recognizer config, sampler settings).
         features: ``N,D' float32`` L2-normalised attribute-space features (e.g. IDDiffuse E_I)
             used to rank candidates by nearness, or None.
+        coefficients: ``N,K float32`` per-identity shape coefficients, not normalised (DiffDeID's
+            3DMM identity α' from the α sampler, eq. 3), or None.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class IdentityBank:
         names: Sequence[str] | None = None,
         meta: dict[str, Any] | None = None,
         features: torch.Tensor | None = None,
+        coefficients: torch.Tensor | None = None,
     ) -> None:
         if embeddings.ndim != 2 or len(embeddings) == 0:
             raise ConfigError(f"a bank needs N,D embeddings with N >= 1, got {tuple(embeddings.shape)}")
@@ -90,6 +94,9 @@ class IdentityBank:
                 features = torch.nn.functional.normalize(features, dim=1)
             features = features.contiguous()
         self.features = features
+        if coefficients is not None and (coefficients.ndim != 2 or len(coefficients) != len(self.embeddings) or coefficients.shape[1] == 0):
+            raise ConfigError(f"bank coefficients must be N,K with N = {len(self.embeddings)}, got {tuple(coefficients.shape)}")
+        self.coefficients = None if coefficients is None else coefficients.detach().float().cpu().contiguous()
         self._fingerprint: str | None = None
         self._index: Any = None  # VectorIndex over embeddings, built on first nearest()
 
@@ -113,6 +120,9 @@ class IdentityBank:
             if self.features is not None:
                 digest.update(b"anonloader/bank/features/v1")
                 digest.update(self.features.numpy().astype("<f4").tobytes())
+            if self.coefficients is not None:
+                digest.update(b"anonloader/bank/coefficients/v1")
+                digest.update(self.coefficients.numpy().astype("<f4").tobytes())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
@@ -136,7 +146,7 @@ class IdentityBank:
         ``meta["features"] = info`` (JSON-able: what space, which model/weights)."""
         meta = dict(self.meta)
         meta["features"] = dict(info or {})
-        return IdentityBank(self.embeddings, self.images, self.names, meta, features=features)
+        return IdentityBank(self.embeddings, self.images, self.names, meta, features=features, coefficients=self.coefficients)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -148,6 +158,8 @@ class IdentityBank:
             tensors["images"] = self.images
         if self.features is not None:
             tensors["features"] = self.features
+        if self.coefficients is not None:
+            tensors["coefficients"] = self.coefficients
         torch.save(tensors, folder / "bank.pt")
         info = {"format": "anonloader-identity-bank", "version": 1, "names": self.names, "meta": self.meta, "fingerprint": self.fingerprint()}
         (folder / "bank.json").write_text(json.dumps(info, indent=1, sort_keys=True))
@@ -162,7 +174,8 @@ class IdentityBank:
             tensors = torch.load(folder / "bank.pt", map_location="cpu", weights_only=True)
         except (OSError, ValueError, RuntimeError) as error:
             raise IdentityError(f"cannot read the identity bank in {folder}: {error}") from error
-        bank = cls(tensors["embeddings"], tensors.get("images"), info["names"], info.get("meta"), features=tensors.get("features"))
+        bank = cls(tensors["embeddings"], tensors.get("images"), info["names"], info.get("meta"), features=tensors.get("features"),
+                   coefficients=tensors.get("coefficients"))
         if bank.fingerprint() != info.get("fingerprint"):
             raise IdentityError(f"the identity bank in {folder} does not match its fingerprint (modified or corrupt); rebuild it")
         return bank
@@ -207,12 +220,28 @@ class IdentityBank:
         avoid: torch.Tensor | None = None,
         steps: int = 50,
         seed: int = 0,
+        shape_sampler: Any = None,
     ) -> IdentityBank:
         """``n`` embeddings from a trained :class:`~anonloader.identity.sampler.LatentIDSampler`,
-        pairwise distinct at ``threshold`` and never within it of ``avoid`` (real faces, ``M,D``)."""
+        pairwise distinct at ``threshold`` and never within it of ``avoid`` (real faces, ``M,D``).
+
+        With ``shape_sampler`` (DiffDeID's α sampler, ``unit_norm=False``), identity ``i`` also
+        gets ``coefficients[i]`` drawn from seed ``derive_seed(seed, i + 1)``. A sampler that
+        records its ``space`` (recognizer) puts it in ``meta["recognizer"]["name"]``, so methods
+        can refuse a bank of another space."""
+        from anonloader.identity.sampler import derive_seed
+
         embeddings = sampler.sample_distinct(n, threshold=threshold, avoid=avoid, steps=steps, seed=seed)
-        meta = {"source": "latent_id_sampler", "threshold": threshold, "steps": steps, "seed": seed, "sampler_steps": sampler.trained_steps}
-        return cls(embeddings, None, [f"lds_{seed}_{i:06d}" for i in range(n)], meta)
+        meta: dict[str, Any] = {"source": "latent_id_sampler", "threshold": threshold, "steps": steps, "seed": seed, "sampler_steps": sampler.trained_steps}
+        if getattr(sampler, "space", None):
+            meta["recognizer"] = {"name": sampler.space}
+        coefficients = None
+        if shape_sampler is not None:
+            if getattr(shape_sampler, "unit_norm", False):
+                raise ConfigError("shape_sampler must be built with unit_norm=False (3DMM coefficients are not unit vectors)")
+            coefficients = shape_sampler.sample(seeds=[derive_seed(seed, i + 1) for i in range(n)], steps=steps)
+            meta["shape_sampler"] = {"space": shape_sampler.space, "sampler_steps": shape_sampler.trained_steps}
+        return cls(embeddings, None, [f"lds_{seed}_{i:06d}" for i in range(n)], meta, coefficients=coefficients)
 
     @classmethod
     def from_method(

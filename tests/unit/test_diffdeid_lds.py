@@ -85,3 +85,24 @@ def test_derive_seed_is_stable_and_spread():
     assert derive_seed(42, 0) == 42
     assert derive_seed(42, 1) == derive_seed(42, 1) != derive_seed(43, 1)
     assert len({derive_seed(42, k) for k in range(50)}) == 50
+
+
+def test_bank_from_sampler_stores_shape_coefficients(tmp_path):
+    from anonloader.identity.bank import IdentityBank
+
+    g = torch.Generator().manual_seed(5)
+    ids = LatentIDSampler(8, timesteps=50, hidden=32, depth=1, space="dlib")
+    ids.fit(torch.randn(60, 8, generator=g), steps=20, batch_size=16)
+    alpha, _ = _alpha_sampler()
+    bank = IdentityBank.from_sampler(ids, 4, threshold=0.99, steps=5, seed=3, shape_sampler=alpha)
+    assert bank.coefficients.shape == (4, 6)
+    expected = alpha.sample(seeds=[derive_seed(3, i + 1) for i in range(4)], steps=5)
+    assert torch.equal(bank.coefficients, expected)  # not normalised, one seed per identity
+    assert bank.meta["recognizer"] == {"name": "dlib"}
+    plain = IdentityBank(bank.embeddings, names=bank.names, meta=bank.meta)
+    assert plain.fingerprint() != bank.fingerprint()  # the coefficients are in the fingerprint
+    loaded = IdentityBank.load(bank.save(tmp_path / "bank"))
+    assert torch.equal(loaded.coefficients, bank.coefficients) and loaded.fingerprint() == bank.fingerprint()
+    assert torch.equal(loaded.with_features(torch.randn(4, 3)).coefficients, bank.coefficients)
+    with pytest.raises(Exception, match="unit_norm=False"):
+        IdentityBank.from_sampler(ids, 2, threshold=0.99, steps=5, shape_sampler=ids)
