@@ -164,7 +164,7 @@ class KeyedIdentityAssigner:
         embeddings: torch.Tensor | Any | None = None,
         content_hashes: Sequence[str] | None = None,
         method: str = "graph",
-        k: int = 32,
+        k: int = 16,
         shards: int = 1,
     ) -> ClusterResult:
         """Pass 2 of the ``cluster`` strategy: cluster every face of the dataset and map each

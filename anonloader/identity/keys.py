@@ -195,7 +195,7 @@ def cluster_embeddings(
     threshold: float,
     *,
     method: str = "graph",
-    k: int = 32,
+    k: int = 16,
     shards: int = 1,
     exact_limit: int = 50_000,
     index_kind: str | None = None,
