@@ -285,7 +285,8 @@ def build_tiny_backbone(seed: int = 0, *, resolution: int = 32) -> Backbone:
     UNet: SD v1.5's blocks (three ``CrossAttnDownBlock2D`` + ``DownBlock2D``, mirrored up,
     ``layers_per_block=2``, conv projections in the transformers) at 8/8/16/16 channels; VAE with
     2 levels (latents at 1/2 resolution: the real one has 4, 1/8); CLIP text encoder 2 layers,
-    width 16, 77 positions; CLIP vision 5 layers, width 24, ``resolution`` px input.
+    width 16, 77 positions; CLIP vision 5 layers, width 24, ``resolution`` px input. The VAE's
+    ``scaling_factor`` is set so its latents have unit variance, as SD's 0.18215 does.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
@@ -315,8 +316,12 @@ def build_tiny_backbone(seed: int = 0, *, resolution: int = 32) -> Backbone:
         latent_channels=4,
         norm_num_groups=4,
         sample_size=resolution,
-        scaling_factor=0.18215,
     )
+    # SD's scaling factor makes the latents unit-variance (0.18215 for its VAE); do the same for
+    # the random tiny VAE, measured on seeded noise images
+    with torch.no_grad():
+        probe = torch.rand(4, 3, resolution, resolution, generator=torch.Generator().manual_seed(seed))
+        vae.register_to_config(scaling_factor=float(1.0 / vae.encode(probe * 2 - 1).latent_dist.mean.std()))
     vocab = tokenizer.get_vocab()
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
