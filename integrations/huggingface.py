@@ -24,12 +24,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import logging
+
 import numpy as np
 
+from anonloader.data.dataset import PER_SAMPLE_ERRORS
 from anonloader.errors import ConfigError
 from anonloader.integrations._common import anonymize_sample, as_keys, build_stage, resolve_anonymizer
 
 __all__ = ["HFAnonymizeFunction", "anonymize_hf"]
+
+logger = logging.getLogger(__name__)
 
 _DROPPED = "__anonloader_dropped__"
 
@@ -51,6 +56,9 @@ class HFAnonymizeFunction:
         array_columns: ``{column: dtype}`` of the ``ArrayND`` features; their nested lists are
             read as arrays of that dtype (and image ones come back as numpy arrays).
         alpha_channel: arrays with 2 or 4 channels carry alpha in the last one.
+        drop_bad_input: a row that fails on its own (a named per-sample error such as a
+            corrupt or 16-bit image) is dropped with a warning instead of raising
+            (``on_error="drop"``).
     """
 
     def __init__(
@@ -63,8 +71,10 @@ class HFAnonymizeFunction:
         passthrough_columns: Sequence[str] | None = None,
         array_columns: dict[str, str] | None = None,
         alpha_channel: bool = False,
+        drop_bad_input: bool = False,
     ) -> None:
         self.stage = stage
+        self.drop_bad_input = drop_bad_input
         self.image_columns = list(image_columns)
         self.label_column = label_column
         self.mark_dropped = mark_dropped
@@ -84,17 +94,23 @@ class HFAnonymizeFunction:
                 row[column] = np.asarray(row[column], dtype=dtype)
         label = row[self.label_column] if self.label_column else None
         keys = [c for c in self.image_columns if row[c] is not None]
-        out, _ = anonymize_sample(
-            self.stage,
-            row,
-            index=index,
-            image_keys=keys,
-            label=label,
-            passthrough_keys=self.passthrough_columns,
-            alpha_channel=self.alpha_channel,
-            strict=True,
-            require_image=False,
-        )
+        try:
+            out, _ = anonymize_sample(
+                self.stage,
+                row,
+                index=index,
+                image_keys=keys,
+                label=label,
+                passthrough_keys=self.passthrough_columns,
+                alpha_channel=self.alpha_channel,
+                strict=True,
+                require_image=False,
+            )
+        except PER_SAMPLE_ERRORS as error:
+            if not self.drop_bad_input:
+                raise
+            logger.warning("dropped row %d (on_error='drop'): %s: %s", index, type(error).__name__, error)
+            return None
         return out
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int] | None = None) -> dict[str, list[Any]]:
@@ -199,6 +215,7 @@ def anonymize_hf(
         "passthrough_columns": as_keys(passthrough_columns),
         "array_columns": _array_columns(ds),
         "alpha_channel": alpha_channel,
+        "drop_bad_input": resolved.on_error == "drop",
     }
     if mode == "lazy":
         function = HFAnonymizeFunction(stage, columns, label_column, **options)

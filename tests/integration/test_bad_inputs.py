@@ -279,6 +279,14 @@ def test_hugging_face_columns_beside_the_image_column():
     assert isinstance(row["array"], np.ndarray) and row["array"].dtype == np.uint8
     kept = anonymize_hf(ds, "image", anonymizer=anonymizer, passthrough_columns=["second", "array"])[0]
     assert _changed(PHOTO, kept["image"]) and not _changed(PHOTO, kept["second"])
+    # on_error="drop" applies per row in "map" mode: the 16-bit row goes, the other stays
+    deep = Image.fromarray(GRAY.astype(np.uint16) * 257)
+    mixed = datasets.Dataset.from_dict({"image": [deep, PHOTO], "label": [0, 1]}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.Value("int64")}))
+    with pytest.raises(UnsupportedImageError, match="sample 0 / field \\['image'\\]: .*16"):
+        anonymize_hf(mixed, mode="map", anonymizer=anonymizer)
+    mapped = anonymize_hf(mixed, mode="map", anonymizer=Anonymizer("pixelate", on_error="drop"))
+    assert mapped["label"] == [1] and _changed(PHOTO, mapped[0]["image"])
 
 
 def test_webdataset_nested_and_undeclared_entries():
