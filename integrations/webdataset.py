@@ -20,17 +20,22 @@ DataLoader workers (each worker loads its own models on first use).
 
 Errors follow WebDataset's handler convention: ``handler(exn)`` returning True skips the sample,
 False stops the stream, raising propagates (``wds.reraise_exception``, the default). A sample
-whose image the fail-closed policy dropped is skipped.
+whose image the fail-closed policy dropped is skipped, and so, with ``on_error="drop"``, is a
+sample with a named per-sample error (corrupt, 16-bit or ambiguous image), with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
+from anonloader.data.dataset import PER_SAMPLE_ERRORS
 from anonloader.integrations._common import anonymize_sample, as_keys, build_stage, resolve_anonymizer
 
 __all__ = ["IMAGE_EXTENSIONS", "anonymize", "anonymize_samples", "image_keys_of"]
+
+logger = logging.getLogger(__name__)
 
 #: extensions whose entries are encoded images
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "bmp", "tif", "tiff", "gif"})
@@ -54,6 +59,17 @@ def image_keys_of(sample: dict[str, Any]) -> list[str]:
     return keys
 
 
+def _handle(exn: Exception, sample: Any, handler: Callable[[Exception], bool]) -> bool:
+    """``handler(exn)`` with the sample's key added to the message; True: skip the sample."""
+    if isinstance(sample, dict) and "__key__" in sample:
+        where = f"webdataset sample {sample['__key__']!r}"
+        if len(exn.args) == 1 and isinstance(exn.args[0], str):
+            exn.args = (f"{exn.args[0]} ({where})",)  # str(exn) stays one readable message
+        else:
+            exn.args = (*exn.args, where)
+    return handler(exn)
+
+
 def anonymize_samples(
     data: Iterable[dict[str, Any]],
     stage: Any,
@@ -61,6 +77,7 @@ def anonymize_samples(
     handler: Callable[[Exception], bool] = _reraise,
     passthrough_keys: Sequence[Hashable] | None = None,
     alpha_channel: bool = False,
+    drop_bad_input: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """The pipeline stage itself: yields each sample of ``data`` with its images anonymized.
 
@@ -73,6 +90,8 @@ def anonymize_samples(
         handler: WebDataset-style exception handler.
         passthrough_keys: entries that hold no face, left as they are.
         alpha_channel: arrays with 2 or 4 channels carry alpha in the last one.
+        drop_bad_input: a sample with a named per-sample error (corrupt, 16-bit, ambiguous
+            image) is skipped with a warning before the handler sees it (``on_error="drop"``).
     """
     for index, sample in enumerate(data):
         try:
@@ -91,14 +110,15 @@ def anonymize_samples(
                 strict=declared is not None,
                 require_image=False,
             )
+        except PER_SAMPLE_ERRORS as exn:
+            if not drop_bad_input:
+                if _handle(exn, sample, handler):
+                    continue
+                break
+            logger.warning("dropped webdataset sample %d (on_error='drop'): %s: %s", index, type(exn).__name__, exn)
+            continue
         except Exception as exn:  # noqa: BLE001 - the handler decides, as in webdataset's own stages
-            if isinstance(sample, dict) and "__key__" in sample:
-                where = f"webdataset sample {sample['__key__']!r}"
-                if len(exn.args) == 1 and isinstance(exn.args[0], str):
-                    exn.args = (f"{exn.args[0]} ({where})",)  # str(exn) stays one readable message
-                else:
-                    exn.args = (*exn.args, where)
-            if handler(exn):
+            if _handle(exn, sample, handler):
                 continue
             break
         if out is not None:
@@ -142,5 +162,10 @@ def anonymize(
     resolved = resolve_anonymizer(anonymizer, method, **anonymizer_kwargs)
     stage = build_stage(resolved, cache=cache, cache_mode=cache_mode, secret=secret)
     return pipelinefilter(anonymize_samples)(
-        stage, as_keys(image_key), handler or reraise_exception, as_keys(passthrough_keys), alpha_channel
+        stage,
+        as_keys(image_key),
+        handler or reraise_exception,
+        as_keys(passthrough_keys),
+        alpha_channel,
+        resolved.on_error == "drop",
     )

@@ -297,5 +297,9 @@ def test_webdataset_nested_and_undeclared_entries():
     (out,) = list(stage([sample]))
     assert _changed(sample["png"], out["png"]) and _changed(RGB, out["views.pyd"]["left"]) and out["cls"] == b"3"
     strict = anon_wds.anonymize(Anonymizer("pixelate", on_error="raise"), image_key="png")
-    with pytest.raises(UnsupportedImageError, match=r"field \['views.pyd'\]\['left'\]"):
+    with pytest.raises(UnsupportedImageError, match=r"field \['views.pyd'\]\['left'\]: .*\(webdataset sample 'a'\)"):
         list(strict([sample]))
+    dropping = anon_wds.anonymize(Anonymizer("pixelate", on_error="drop"), image_key="png")
+    other = {"__key__": "b", "png": _png(PHOTO)}
+    (kept,) = list(dropping([sample, other]))
+    assert kept["__key__"] == "b" and _changed(other["png"], kept["png"])
