@@ -148,3 +148,15 @@ def test_train_cli_fits_on_the_records_and_writes_loadable_weights(fams_records,
     assert trained.components.reference_routing == "released"
     assert not torch.equal(trained.components.unet.conv_in.weight, untrained.components.unet.conv_in.weight)
     assert torch.equal(trained.components.vae.encoder.conv_in.weight, untrained.components.vae.encoder.conv_in.weight)  # frozen
+
+
+def test_bank_cli_renders_from_the_packaged_faces_and_writes_a_loadable_bank(tmp_path):
+    from anonloader.identity.bank import IdentityBank
+    from anonloader.methods.fams.bank import main, packaged_driving_crops
+
+    driving = packaged_driving_crops(16)
+    assert driving.shape == (7, 3, 16, 16)  # the astronaut and t1's six people
+    folder = main([str(tmp_path / "bank"), "--n", "1", "--tiny", "--resolution", "16", "--steps", "2", "--seed", "4"])
+    bank = IdentityBank.load(folder)
+    assert len(bank) == 1 and bank.names == ["fams_seed4"] and bank.images.shape == (1, 3, 16, 16)
+    assert bank.meta["template"] == "ffhq" and bank.meta["deny"]["count"] == 0
