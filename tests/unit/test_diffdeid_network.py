@@ -47,6 +47,17 @@ def test_adain_output_moments_equal_the_condition_styles():
     assert torch.allclose(adain(0.25 * x - 3.0, c), out, atol=1e-5)  # invariant to a x + b, a > 0
 
 
+def test_instance_moments_torch_path_equals_patch_stats_path():
+    from anonloader.methods.diffdeid.network import instance_moments
+
+    x = torch.randn(2, 3, 7, 9) * 3 + 1
+    for a, b in zip(instance_moments(x, use_patch_stats=True), instance_moments(x, use_patch_stats=False)):
+        assert torch.allclose(a, b, atol=1e-5)
+    mean, std = instance_moments(x)
+    assert torch.allclose(mean[:, :, 0, 0], x.mean((2, 3)), atol=1e-5)
+    assert torch.allclose(std[:, :, 0, 0], (x.var((2, 3), unbiased=False) + 1e-6).sqrt(), atol=1e-5)
+
+
 def test_adain_starts_as_plain_instance_norm():
     adain = AdaIN(4, condition_dim=6)
     x = torch.randn(2, 4, 8, 8)

@@ -50,7 +50,7 @@ from anonloader.methods.diffdeid.conditions import (
 from anonloader.methods.diffdeid.network import DiffDeIDUNet
 from anonloader.types import FaceConditions
 
-__all__ = ["DiffDeID", "embed_faces", "make_scheduler", "state_hash"]
+__all__ = ["DiffDeID", "ddim_generate", "embed_faces", "load_network", "make_scheduler", "save_network", "state_hash"]
 
 _FORMAT = "anonloader-diffdeid"
 _FORMAT_VERSION = 1
@@ -102,6 +102,74 @@ def make_scheduler(network: DiffDeIDUNet, kind: str = "ddim", steps: int = 50) -
     scheduler = DDIMScheduler(**kwargs, set_alpha_to_one=True)
     scheduler.set_timesteps(min(steps, network.num_train_timesteps))
     return scheduler
+
+
+@torch.no_grad()
+def ddim_generate(
+    network: DiffDeIDUNet,
+    texture_input: torch.Tensor,
+    rendered: torch.Tensor,
+    rho: torch.Tensor,
+    identity: torch.Tensor | None,
+    seeds: list[int],
+    steps: int,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) with ``network``.
+
+    Args:
+        texture_input: E_t's input ``F,3,S,S`` in [0,1] (I_m for the image network, the track's
+            first de-identified crop I_d for the video network); E_t and K_b/V_b run once.
+        rendered: I_3d ``F,3,S,S`` in [0,1]; rho: ``F,n_ρ``; identity: z'_id ``F,D`` or None.
+        seeds: ``F`` seeds; face i's initial noise comes from ``torch.Generator(seeds[i])`` alone.
+
+    Returns:
+        ``F,3,S,S float32 in [0,1]`` on the network's device.
+    """
+    dev = next(network.parameters()).device
+    texture = network.texture_kv(texture_input.to(dev) * 2 - 1)
+    rendered, rho = rendered.to(dev) * 2 - 1, rho.to(dev)
+    identity = None if identity is None else identity.to(dev)
+    shape = texture_input.shape[1:]
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s) & 0x7FFF_FFFF_FFFF_FFFF)) for s in seeds]
+    sample = torch.stack(noise).to(dev)
+    scheduler = make_scheduler(network, "ddim", steps)
+    for t in scheduler.timesteps:
+        timesteps = torch.full((len(seeds),), int(t), device=dev, dtype=torch.long)
+        eps = network(sample, timesteps, rendered, rho, identity, texture)
+        sample = scheduler.step(eps, t, sample, eta=0.0).prev_sample
+    return ((sample + 1) / 2).clamp(0, 1)
+
+
+def save_network(network: DiffDeIDUNet, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``diffdeid.json`` (format, network config, ``extra``) and ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(path / _WEIGHTS_FILE))
+    meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "network": network.config(), **(extra or {})}
+    (path / _CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return path
+
+
+def load_network(path: str | Path) -> tuple[DiffDeIDUNet, str, dict[str, Any]]:
+    """(network, SHA-256 of ``model.safetensors``, the ``diffdeid.json`` dict) of a folder
+    written by :func:`save_network` / :meth:`DiffDeID.save_pretrained`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_path, weights_path = path / _CONFIG_FILE, path / _WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        raise ModelLoadError(f"{path} is not a DiffDeID checkpoint: expected {_CONFIG_FILE} and {_WEIGHTS_FILE}")
+    meta = json.loads(config_path.read_text())
+    if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
+        raise ModelLoadError(f"{config_path} has format {meta.get('format')!r} v{meta.get('version')}; expected {_FORMAT} v{_FORMAT_VERSION}")
+    network = DiffDeIDUNet(meta["network"])
+    try:
+        network.load_state_dict(load_file(str(weights_path)))
+    except RuntimeError as exc:
+        raise ModelLoadError(f"weights in {weights_path} do not match the config in {config_path}: {exc}") from exc
+    return network, hashlib.sha256(weights_path.read_bytes()).hexdigest(), meta
 
 
 class DiffDeID:
@@ -221,17 +289,7 @@ class DiffDeID:
     def _load(path: Path) -> tuple[DiffDeIDUNet, str, dict[str, Any]]:
         from safetensors.torch import load_file
 
-        config_path, weights_path = path / _CONFIG_FILE, path / _WEIGHTS_FILE
-        if not config_path.is_file() or not weights_path.is_file():
-            raise ModelLoadError(f"{path} is not a DiffDeID checkpoint: expected {_CONFIG_FILE} and {_WEIGHTS_FILE}")
-        meta = json.loads(config_path.read_text())
-        if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
-            raise ModelLoadError(f"{config_path} has format {meta.get('format')!r} v{meta.get('version')}; expected {_FORMAT} v{_FORMAT_VERSION}")
-        network = DiffDeIDUNet(meta["network"])
-        try:
-            network.load_state_dict(load_file(str(weights_path)))
-        except RuntimeError as exc:
-            raise ModelLoadError(f"weights in {weights_path} do not match the config in {config_path}: {exc}") from exc
+        network, digest, meta = load_network(path)
         stored: dict[str, Any] = {}
         if (path / _FACE_MODEL_FILE).is_file():
             stored["face_model"] = LandmarkFaceModel(meta["network"]["rho_parts"]).load_state_dict(load_file(str(path / _FACE_MODEL_FILE)))
@@ -239,7 +297,7 @@ class DiffDeID:
             stored["id_sampler"] = LatentIDSampler.load(path / _LDS_ID_FILE)
         if (path / _LDS_SHAPE_FILE).is_file():
             stored["shape_sampler"] = LatentIDSampler.load(path / _LDS_SHAPE_FILE)
-        return network, hashlib.sha256(weights_path.read_bytes()).hexdigest(), stored
+        return network, digest, stored
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> DiffDeID:
@@ -253,18 +311,13 @@ class DiffDeID:
         samplers when set, under ``path``; returns ``path``."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}, str(path / _WEIGHTS_FILE))
+        path = save_network(self.network, path, {"sampling": self._sampling(), "conditions": self._conditions()})
         if isinstance(self.face_model, LandmarkFaceModel):
             save_file({k: v.contiguous() for k, v in self.face_model.state_dict().items()}, str(path / _FACE_MODEL_FILE))
         if self.id_sampler is not None:
             self.id_sampler.save(path / _LDS_ID_FILE)
         if self.shape_sampler is not None:
             self.shape_sampler.save(path / _LDS_SHAPE_FILE)
-        meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "network": self.network.config(), "sampling": self._sampling(),
-                "conditions": self._conditions()}
-        (path / _CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return path
 
     def _sampling(self) -> dict[str, Any]:
@@ -338,25 +391,12 @@ class DiffDeID:
         return torch.stack(ids).float(), torch.stack(alphas).float(), used, drawn
 
     # ------------------------------------------------------------------ inference
-    @torch.no_grad()
     def generate(
         self, crops: torch.Tensor, masks: torch.Tensor, rendered: torch.Tensor, rho: torch.Tensor, identity: torch.Tensor, seeds: list[int]
     ) -> torch.Tensor:
         """DDIM from per-seed noise: crops, masks ``F,1,S,S`` in {0,1}, I_3d ``F,3,S,S`` in [0,1],
         ρ' ``F,n_ρ``, z'_id ``F,D`` -> ``F,3,S,S float32 in [0,1]`` on the network's device."""
-        net = self.network
-        dev = next(net.parameters()).device
-        masked = (crops * (1 - masks)).to(dev) * 2 - 1
-        texture = net.texture_kv(masked)
-        rendered, rho, identity = rendered.to(dev) * 2 - 1, rho.to(dev), identity.to(dev)
-        noise = [torch.randn(crops.shape[1:], generator=torch.Generator().manual_seed(int(s) & 0x7FFF_FFFF_FFFF_FFFF)) for s in seeds]
-        sample = torch.stack(noise).to(dev)
-        scheduler = make_scheduler(net, "ddim", self.num_inference_steps)
-        for t in scheduler.timesteps:
-            timesteps = torch.full((len(seeds),), int(t), device=dev, dtype=torch.long)
-            eps = net(sample, timesteps, rendered, rho, identity, texture)
-            sample = scheduler.step(eps, t, sample, eta=0.0).prev_sample
-        return ((sample + 1) / 2).clamp(0, 1)
+        return ddim_generate(self.network, crops * (1 - masks), rendered, rho, identity, seeds, self.num_inference_steps)
 
     @torch.no_grad()
     def __call__(self, crops: torch.Tensor, conditions: FaceConditions) -> torch.Tensor:
