@@ -15,7 +15,13 @@ from anonloader.errors import AnonloaderError
 __all__ = ["main"]
 
 #: modules with a ``register(subparsers)`` function, in the order ``--help`` lists them
-COMMAND_MODULES = ("anonloader.demo", "anonloader.commands.anonymize", "anonloader.cache.commands", "anonloader.eval.commands")
+COMMAND_MODULES = (
+    "anonloader.demo",
+    "anonloader.commands.anonymize",
+    "anonloader.cache.commands",
+    "anonloader.eval.commands",
+    "anonloader.identity.commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

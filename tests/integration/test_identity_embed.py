@@ -1,0 +1,70 @@
+"""`anonloader identity embed SRC OUT` on real photos: faces detected (MTCNN), aligned for dlib's
+recognizer, embedded and hashed as the pipeline's identity stage does; a run killed with SIGKILL
+resumes to the same store as an uninterrupted run.
+
+Photos: scikit-image's astronaut (one face) in three variants (resized, brightened, mirrored:
+the same person, other pixels) and insightface's t1.jpg at half size (six people)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+from anonloader.cli import main
+from anonloader.identity.store import EmbeddingStore
+
+REPO = Path(__file__).parent.parent.parent
+
+pytest.importorskip("dlib")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, astronaut_pil, t1_pil) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    astronaut = astronaut_pil.resize((256, 256), Image.BICUBIC)
+    astronaut.save(folder / "a0.png")
+    ImageEnhance.Brightness(astronaut).enhance(1.2).save(folder / "a1.png")
+    ImageOps.mirror(astronaut).save(folder / "a2.png")
+    t1_pil.resize((640, 443), Image.BICUBIC).save(folder / "t1.png")
+    return folder
+
+
+def test_embed_command_resumes_after_sigkill(photos, tmp_path):
+    assert main(["identity", "embed", str(photos), str(tmp_path / "clean"), "--part-size", "1", "-q"]) == 0
+    clean = EmbeddingStore(tmp_path / "clean")
+    faces_per_sample = np.bincount(clean.samples()[:, 0], minlength=4).tolist()
+    assert faces_per_sample[:3] == [1, 1, 1] and faces_per_sample[3] >= 5  # one astronaut each, t1's people
+    embeddings = torch.from_numpy(np.asarray(clean.embeddings()))
+    sims = embeddings @ embeddings.T
+    assert float(sims[:3, :3].min()) >= 0.917  # the astronaut variants: one person to dlib
+    assert float(sims[:3, 3:].max()) < 0.917
+    assert "biometric" in clean.meta["sensitive"] and clean.meta["recognizer"]["name"] == "dlib"
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "anonloader.cli", "identity", "embed", str(photos), str(out), "--part-size", "1", "-q"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "parts").is_dir() and len(list((out / "parts").glob("*.json"))) >= 1:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not EmbeddingStore(out).complete
+    done_before = EmbeddingStore(out).done_parts()
+    assert 1 <= len(done_before) < 4
+    assert main(["identity", "embed", str(photos), str(out), "--part-size", "1", "-q"]) == 0
+    resumed = EmbeddingStore(out)
+    assert resumed.content_hashes() == clean.content_hashes()
+    assert np.array_equal(np.asarray(resumed.embeddings()), np.asarray(clean.embeddings()))
+    assert np.array_equal(resumed.samples(), clean.samples())
