@@ -8,7 +8,7 @@
 Data (stated, seeded): N unit vectors around K = N / 10 random unit identity centres,
 ``centre + 0.3 * g / sqrt(D)`` with ``g`` standard normal, so same-person pairs have cosine
 about 0.92 on both sides of the threshold 0.917 (dlib's) and different people about 0.
-Each run is a fresh subprocess: wall time of ``fit`` (clustering + keyed mapping of every
+Each run is a fresh subprocess: wall and CPU time (user + system, all threads) of ``fit`` (clustering + keyed mapping of every
 cluster into a bank of 2K random identities), the process's peak RSS (data included), the
 number of clusters and the pairwise precision / recall against the true identities. The old
 algorithm (leader clustering, ``method="leader"``, one torch thread) runs only up to ``--old-max`` faces. The
@@ -60,12 +60,15 @@ def run_one(n: int, dim: int, method: str, shards: int) -> dict[str, float]:
     bank_rng = np.random.default_rng(1)
     bank = IdentityBank(torch.from_numpy(bank_rng.standard_normal((max(16, n // 5), dim), dtype=np.float32)))
     assigner = KeyedIdentityAssigner("cluster", secret="benchmark secret 0123456789abcdef", bank=bank, embedder=None)
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     result = assigner.fit(embeddings=x, content_hashes=hashes, method=method, shards=shards)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_seconds = (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)
     precision, recall = pairwise_precision_recall(result.labels, truth)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return {"n": n, "dim": dim, "method": method, "seconds": seconds, "peak_gib": peak,
+    return {"n": n, "dim": dim, "method": method, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_gib": peak,
             "clusters": len(result.cluster_keys), "precision": precision, "recall": recall}
 
 
@@ -112,7 +115,7 @@ def main() -> None:
             print(f"N={n:>9,} D={r['dim']}  exact k=16 search: faiss {r['faiss_exact']:.2f}s  torch {r['torch_exact']:.2f}s  "
                   f"faiss IVF (nprobe 4) {r['faiss_ivf']:.2f}s", flush=True)
         else:
-            print(f"N={n:>9,} {method:>6}: {r['seconds']:8.1f}s  peak {r['peak_gib']:.2f} GiB  {r['clusters']:>7} clusters  "
+            print(f"N={n:>9,} {method:>6}: {r['seconds']:8.1f}s wall {r['cpu_seconds']:8.1f}s CPU  peak {r['peak_gib']:.2f} GiB  {r['clusters']:>7} clusters  "
                   f"precision {r['precision']:.4f}  recall {r['recall']:.4f}  (load {os.getloadavg()[0]:.1f})", flush=True)
 
 

@@ -9,14 +9,25 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["IdentityAssigner", "IdentityAssignment", "IdentityBank", "KeyedIdentityAssigner", "KeyedMapper", "load_embedder"]
+__all__ = [
+    "EmbeddingStore",
+    "IdentityAssigner",
+    "IdentityAssignment",
+    "IdentityBank",
+    "KeyedIdentityAssigner",
+    "KeyedMapper",
+    "VectorIndex",
+    "load_embedder",
+]
 
 _EXPORTS = {
+    "EmbeddingStore": "anonloader.identity.store",
     "IdentityAssigner": "anonloader.identity.base",
     "IdentityAssignment": "anonloader.identity.base",
     "IdentityBank": "anonloader.identity.bank",
     "KeyedIdentityAssigner": "anonloader.identity.assigner",
     "KeyedMapper": "anonloader.identity.mapper",
+    "VectorIndex": "anonloader.identity.index",
     "load_embedder": "anonloader.identity.embedders",
 }
 

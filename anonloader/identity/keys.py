@@ -256,8 +256,9 @@ class IdentityRegistry:
     ``key_of(embeddings, content_hashes)`` gives each face the key of the nearest registered
     identity at the threshold, or registers a new identity keyed by the face's content hash.
 
-    Persisted state (``path``, JSON): the keyed check value of the secret and, per identity, the
-    keyed digest of its key — never the key or an embedding. With ``store_embeddings=True`` the
+    Persisted state (``path``, JSON, format version 2): the keyed check value of the registry key
+    (derived from the secret for this purpose; the registry never holds the secret itself) and,
+    per identity, the keyed digest of its key — never the key or an embedding. With ``store_embeddings=True`` the
     identities' mean embeddings are stored too (opt-in: they are biometric data of real people),
     which lets a later process recognise returning people; without it, a new process starts with
     no embeddings and only keeps the digests (so a returning person gets a new key unless the
