@@ -16,7 +16,8 @@ each face's ``conditions.synthetic_ids`` entry, aligned to FAMS's ``ffhq`` templ
 person then gets the same source image and (from the assigner) the same seed. The released code
 defines ``d`` on the source branch only, so in identity mode the driving branch runs as released
 (its states carry pose, expression and background) and ``anonymization_degree`` is not used.
-``conditions.extra["source_images"]`` swaps in explicit source faces instead.
+``conditions.extra["source_images"]`` swaps in explicit source faces instead. A bank rendered by
+FAMS itself: :mod:`anonloader.methods.fams.bank` (``python -m anonloader.methods.fams.bank``).
 
 The authors' code is AGPL-3.0 (none of it is copied here); check the licence of the released
 weights before use.

@@ -18,7 +18,9 @@ Both ReferenceNets run once per face, at timestep 0; their states are routed to 
 self-attention layers as the released code does (``FAMSComponents.reference_routing``), projected
 to keys and values once and reused at every denoising step. Randomness comes only from per-face
 ``torch.Generator`` objects seeded from ``FaceConditions.seeds`` (on the CPU, so the starting
-noise is the same on every device), so a face's output does not depend on the rest of its batch.
+noise is the same on every device), so a face's random draws do not depend on the rest of its
+batch. Its output bytes can, in the last bits (about 1e-5 on the CPU): matrix kernels sum in an
+order that depends on the batch size.
 """
 
 from __future__ import annotations
