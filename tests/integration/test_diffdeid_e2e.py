@@ -10,9 +10,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
-import anonloader  # noqa: E402
-from anonloader.identity.sampler import LatentIDSampler  # noqa: E402
-from anonloader.methods.diffdeid.conditions import LandmarkFaceModel, landmarks_68  # noqa: E402
+import anonloader
+from anonloader.identity.sampler import LatentIDSampler
+from anonloader.methods.diffdeid.conditions import LandmarkFaceModel, landmarks_68
 
 
 def _parts(astronaut_image: torch.Tensor) -> dict:

@@ -12,7 +12,11 @@ import torch
 from anonloader.errors import ConfigError, MethodError
 from anonloader.identity.bank import IdentityBank
 from anonloader.identity.sampler import LatentIDSampler, derive_seed
-from anonloader.methods.diffdeid.conditions import LandmarkFaceModel, RhoLayout, landmarks_68
+from anonloader.methods.diffdeid.conditions import (
+    LandmarkFaceModel,
+    RhoLayout,
+    landmarks_68,
+)
 from anonloader.methods.diffdeid.model import DiffDeID
 from anonloader.methods.diffdeid.network import DiffDeIDUNet
 from anonloader.types import FaceConditions

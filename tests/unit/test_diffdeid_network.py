@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from anonloader.methods.diffdeid.network import AdaIN, DiffDeIDUNet, TextureAttention, timestep_features
+from anonloader.methods.diffdeid.network import (
+    AdaIN,
+    DiffDeIDUNet,
+    TextureAttention,
+    timestep_features,
+)
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

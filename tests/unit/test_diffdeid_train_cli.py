@@ -63,3 +63,27 @@ def test_training_command_writes_a_loadable_checkpoint(tmp_path):
     # two optimiser steps were taken and the loss phase is in the checkpoint
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 2 and "phase" in checkpoint["state_dict"]
+
+
+def test_video_training_command_writes_a_loadable_video_network(tmp_path):
+    from anonloader.methods.diffdeid.model import DiffDeID
+    from anonloader.methods.diffdeid.network import DiffDeIDUNet
+    from anonloader.methods.diffdeid.train import main
+    from anonloader.methods.diffdeid.video import DiffDeIDVideo
+
+    _write_faces(tmp_path / "clips")  # two 'clips' of three frames each
+    face_model = main(["face-model", "--data", str(tmp_path / "clips"), "--out", str(tmp_path / "fm.safetensors"), "--size", "128"])
+    final = main(["video", "--clips", str(tmp_path / "clips"), "--config", "tiny", "--face-model", str(face_model), "--out", str(tmp_path / "run"),
+                  "--lambda-per", "0", "--max-steps", "2", "--batch-size", "4", "--accelerator", "cpu", "--devices", "1"])
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2
+    from anonloader.methods.diffdeid.train import _face_model
+
+    image_method = DiffDeID(config="tiny", face_model=_face_model(str(face_model)))
+    video = DiffDeIDVideo(image_method, final)
+    assert not video.network.identity_condition
+    assert video.config()["weights_sha256"]
+    state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("network.")}
+    reloaded = DiffDeIDUNet({"preset": "tiny", "identity_condition": False})
+    reloaded.load_state_dict({k[len("network."):]: v for k, v in state.items()})
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), video.network.state_dict().values()))

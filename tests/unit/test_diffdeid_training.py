@@ -8,8 +8,12 @@ import torch
 
 pytest.importorskip("lightning")
 
-from anonloader.errors import ConfigError, ModelLoadError  # noqa: E402
-from anonloader.methods.diffdeid.training import DiffDeIDModule, PerceptualLoss, loss_weights  # noqa: E402
+from anonloader.errors import ConfigError, ModelLoadError
+from anonloader.methods.diffdeid.training import (
+    DiffDeIDModule,
+    PerceptualLoss,
+    loss_weights,
+)
 
 
 def _batch(b: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:

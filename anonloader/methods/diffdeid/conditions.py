@@ -70,7 +70,7 @@ __all__ = [
 
 _MOUTH = list(range(48, 60))
 _LEFT_EYE, _RIGHT_EYE = list(range(36, 42)), list(range(42, 48))
-_CONTOURS = [list(range(0, 17)), list(range(17, 22)), list(range(22, 27)), list(range(27, 31)), list(range(31, 36)),
+_CONTOURS = [list(range(17)), list(range(17, 22)), list(range(22, 27)), list(range(27, 31)), list(range(31, 36)),
              _LEFT_EYE + [36], _RIGHT_EYE + [42], _MOUTH + [48], list(range(60, 68)) + [60]]
 
 

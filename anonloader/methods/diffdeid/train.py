@@ -22,11 +22,18 @@ template ``"ffhq"``)::
         --vgg-weights /models/vgg16-397923af.pth --max-steps 200000 --batch-size 8 \\
         --devices 1 --accelerator gpu --out runs/diffdeid
 
+    # 5. the video network (sec. 3.4; paper: VoxCeleb1): frame pairs of one clip, reference ->
+    #    target, one sub-folder of ffhq-aligned frames per clip
+    python -m anonloader.methods.diffdeid.train video --clips /data/voxceleb1_fomm_frames \
+        --face-model runs/diffdeid/face_model.safetensors --config paper --lambda-per 1 \
+        --vgg-weights /models/vgg16-397923af.pth --max-steps 200000 --batch-size 8 --out runs/diffdeid_video
+
 ``image`` writes ``out/final`` (loadable with ``DiffDeID.from_pretrained`` or
 ``anonloader.anonymize(..., method="diffdeid", pretrained="runs/diffdeid/final")``) and Lightning
 checkpoints under ``out/checkpoints`` (``--resume`` continues one; the loss phase is kept). The
 ``prepare`` output is one ``torch.save`` file of tensors only (loaded with ``weights_only``).
-The video network (sec. 3.4) is not built.
+``video`` writes ``out/final`` holding the video network, loadable with
+``DiffDeIDVideo(image_method, "runs/diffdeid_video/final")``.
 """
 
 from __future__ import annotations
@@ -104,7 +111,11 @@ def cmd_face_model(args: argparse.Namespace) -> Path:
 
 def cmd_prepare(args: argparse.Namespace) -> Path:
     from anonloader.identity.embedders import load_embedder
-    from anonloader.methods.diffdeid.conditions import ContourRenderer, HullMasker, landmarks_68
+    from anonloader.methods.diffdeid.conditions import (
+        ContourRenderer,
+        HullMasker,
+        landmarks_68,
+    )
     from anonloader.methods.diffdeid.model import embed_faces
     from anonloader.methods.diffdeid.network import resolve_config
 
@@ -200,6 +211,81 @@ def cmd_image(args: argparse.Namespace) -> Path:
     return method.save_pretrained(out / "final")
 
 
+class _FramePairs(torch.utils.data.Dataset):
+    """Ordered pairs (reference r, target t != r) of frames of one clip: the target with its ρ̂
+    (α, δ, γ of the reference; β, p, ω window means around t) and rendered I_3d."""
+
+    def __init__(self, clips: list[torch.Tensor], rhos: list[torch.Tensor], renderer: Any, window: int) -> None:
+        from anonloader.methods.diffdeid.conditions import RhoLayout
+
+        self.clips, self.rhos, self.renderer, self.window = clips, rhos, renderer, window
+        self.layout = RhoLayout()
+        self.pairs = [(c, r, t) for c, frames in enumerate(clips) for r in range(len(frames)) for t in range(len(frames)) if r != t]
+        if not self.pairs:
+            raise ConfigError("video training needs clips of at least two frames")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from anonloader.methods.diffdeid.video import video_rho
+
+        c, r, t = self.pairs[i]
+        rho = self.rhos[c]
+        hat = video_rho(self.layout, rho, rho[r], torch.arange(len(rho)), self.window)[t]
+        size = int(self.clips[c].shape[-1])
+        return {"image": self.clips[c][t], "reference": self.clips[c][r], "rho": hat, "rendered": self.renderer(hat[None], size)[0]}
+
+
+def cmd_video(args: argparse.Namespace) -> Path:
+    import lightning as L
+
+    from anonloader.methods.diffdeid.conditions import ContourRenderer, landmarks_68
+    from anonloader.methods.diffdeid.model import save_network
+    from anonloader.methods.diffdeid.network import resolve_config
+    from anonloader.methods.diffdeid.training import DiffDeIDModule
+
+    config = resolve_config(args.config)
+    config["identity_condition"] = False
+    size = int(config["crop_size"])
+    face_model = _face_model(args.face_model, config["rho_parts"])
+    root = Path(args.clips)
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not folders:
+        raise ConfigError(f"{root} needs one sub-folder of aligned frames per clip")
+    clips, rhos = [], []
+    for folder in folders:
+        frames = torch.stack([_load(p, size) for p in _images(folder)])
+        clips.append(frames)
+        rhos.append(face_model(frames, landmarks_68(frames, _template(size, len(frames)))).float())
+    module = DiffDeIDModule(config, vgg_weights=args.vgg_weights, lambda_per=args.lambda_per, learning_rate=args.lr)
+    dataset = _FramePairs(clips, rhos, ContourRenderer(face_model), args.window)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+                                         drop_last=len(dataset) >= args.batch_size)
+    out = Path(args.out)
+    trainer = L.Trainer(max_steps=args.max_steps, accelerator=args.accelerator, devices=args.devices, precision=args.precision,
+                        default_root_dir=str(out), logger=False, enable_progress_bar=False,
+                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True)])
+    trainer.fit(module, loader, ckpt_path=args.resume)
+    return save_network(module.network.cpu(), out / "final", {"video": {"window": args.window}})
+
+
+def _training_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="paper")
+    p.add_argument("--out", required=True)
+    p.add_argument("--face-model")
+    p.add_argument("--vgg-weights")
+    p.add_argument("--lambda-per", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-steps", type=int, default=200_000)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", default="auto")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--resume")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m anonloader.methods.diffdeid.train", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,26 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=3)
     p = sub.add_parser("image", help="train the image network (eqs. 8-11)")
     p.add_argument("--prepared", required=True)
-    p.add_argument("--config", default="paper")
-    p.add_argument("--out", required=True)
-    p.add_argument("--face-model")
     p.add_argument("--lds")
-    p.add_argument("--vgg-weights")
-    p.add_argument("--lambda-per", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-steps", type=int, default=200_000)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--accelerator", default="auto")
-    p.add_argument("--devices", default="auto")
-    p.add_argument("--precision", default="32-true")
-    p.add_argument("--resume")
+    _training_options(p)
+    p = sub.add_parser("video", help="train the video network on frame pairs (sec. 3.4)")
+    p.add_argument("--clips", required=True)
+    p.add_argument("--window", type=int, default=2)
+    _training_options(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
-    command = {"face-model": cmd_face_model, "prepare": cmd_prepare, "lds": cmd_lds, "image": cmd_image}[args.command]
+    command = {"face-model": cmd_face_model, "prepare": cmd_prepare, "lds": cmd_lds, "image": cmd_image, "video": cmd_video}[args.command]
     return command(args)
 
 

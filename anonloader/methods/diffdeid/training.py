@@ -32,7 +32,7 @@ from torch import nn
 from anonloader.errors import ConfigError, ModelLoadError
 from anonloader.methods.diffdeid.network import DiffDeIDUNet
 
-__all__ = ["DiffDeIDModule", "PerceptualLoss", "VGG16_LAYERS", "loss_weights"]
+__all__ = ["VGG16_LAYERS", "DiffDeIDModule", "PerceptualLoss", "loss_weights"]
 
 #: torchvision ``vgg16().features`` indices of relu1_2, relu2_2, relu3_3, relu4_3.
 VGG16_LAYERS = (3, 8, 15, 22)
@@ -98,7 +98,9 @@ class DiffDeIDModule(L.LightningModule):
     """Trains :class:`DiffDeIDUNet` with eqs. 8-11 and the EMA phase switch.
 
     Batches: dicts of ``image`` ``B,3,S,S`` in [0,1], ``mask`` ``B,1,S,S`` in {0,1},
-    ``rendered`` ``B,3,S,S`` in [0,1], ``rho`` ``B,n_ρ``, ``z_id`` ``B,D``.
+    ``rendered`` ``B,3,S,S`` in [0,1], ``rho`` ``B,n_ρ``, ``z_id`` ``B,D``; for the video network
+    (``identity_condition=False``, sec. 3.4) ``reference`` ``B,3,S,S`` in [0,1] (another frame of
+    the clip, E_t's input) instead of ``mask`` and ``z_id``, and ``rho`` = ρ̂.
 
     Args:
         config: the network preset / config.
@@ -154,8 +156,12 @@ class DiffDeIDModule(L.LightningModule):
         x = image * 2 - 1
         a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         z_t = a.sqrt() * x + (1 - a).sqrt() * noise
-        masked = (image * (1 - batch["mask"].float())) * 2 - 1
-        eps = self.network(z_t, timesteps, batch["rendered"].float() * 2 - 1, batch["rho"].float(), batch["z_id"].float(), masked)
+        if self.network.identity_condition:  # image network: E_t on I_m, C with z_id
+            texture = (image * (1 - batch["mask"].float())) * 2 - 1
+            identity = batch["z_id"].float()
+        else:  # video network (sec. 3.4): E_t on the reference frame, C without z_id
+            texture, identity = batch["reference"].float() * 2 - 1, None
+        eps = self.network(z_t, timesteps, batch["rendered"].float() * 2 - 1, batch["rho"].float(), identity, texture)
         loss_d = nn.functional.mse_loss(eps, noise)
         phase = self.update_phase(loss_d) if self.training else int(self.phase)
         w_d, w_rec, w_per = loss_weights(phase, self.hparams.lambda_d, self.hparams.lambda_rec, self.hparams.lambda_per)
