@@ -53,15 +53,21 @@ class SkipDroppedCollate:
 
 
 def _is_image_batch(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.ndim == 4 and value.shape[1] in (1, 3, 4) and value.shape[2] > 4 and value.shape[3] > 4
+    """A collated batch of images: ``B,C,H,W`` or ``B,H,W,C`` by the sample walker's image rule."""
+    from anonloader.data.adapters import image_layout
+
+    return image_layout(value) in ("nchw", "nhwc")
 
 
-def _anonymize_tensor(anonymizer: Any, images: torch.Tensor, labels: Sequence[Any] | None) -> torch.Tensor:
-    """``B,C,H,W`` uint8 or float in [0,1] (C in 1, 3, 4) -> the same, every face anonymized."""
+def _anonymize_tensor(
+    anonymizer: Any, images: torch.Tensor, labels: Sequence[Any] | None, *, alpha_channel: bool = False
+) -> torch.Tensor:
+    """``B,C,H,W`` or ``B,H,W,C`` uint8 / float in [0,1] (C in 1, 3, 4) -> the same, every face
+    anonymized. A 4th channel is kept as alpha only with ``alpha_channel=True``, else an error."""
     from anonloader.data.adapters import join_sample, split_sample
 
     plain = images.as_subclass(torch.Tensor) if type(images) is not torch.Tensor else images
-    sources = [split_sample(image, None, index=i) for i, image in enumerate(plain.detach().cpu())]
+    sources = [split_sample([image], [0], index=i, alpha_channel=alpha_channel) for i, image in enumerate(plain.detach().cpu())]
     result = anonymizer([s[0][0].tensor.to(images.device) for s in sources], labels=labels)
     if any(out is None for out in result.images):
         failed = [i for i, out in enumerate(result.images) if out is None]
@@ -69,35 +75,63 @@ def _anonymize_tensor(anonymizer: Any, images: torch.Tensor, labels: Sequence[An
             f"batch images {failed} were dropped by the fail-closed policy ({result.errors[failed[0]]}); "
             "a batch stage cannot drop samples: use on_error='obscure'"
         )
-    restored = [join_sample(skeleton, [out], [s[0].alpha]) for (s, skeleton), out in zip(sources, result.images, strict=True)]
+    restored = [join_sample(skeleton, [out], [s[0].alpha])[0] for (s, skeleton), out in zip(sources, result.images, strict=True)]
     return torch.stack(restored).to(images.device)
 
 
+def _refuse_unclaimed_images(batch: Any, claimed: Sequence[Hashable], passthrough: Sequence[Hashable]) -> None:
+    """Fail closed on a side door: an image-like field the batch stage would leave untouched."""
+    from anonloader.data.adapters import looks_like_image
+
+    fields = batch.items() if isinstance(batch, dict) else enumerate(batch)
+    for key, value in fields:
+        leaves = value if isinstance(value, (list, tuple)) else [value]
+        if key not in claimed and key not in passthrough and any(looks_like_image(v) for v in leaves):
+            raise UnsupportedImageError(
+                f"batch field {key!r} looks like images but is not a B,C,H,W or B,H,W,C tensor the batch stage "
+                "can anonymize; collate it as one, or name it in passthrough_keys= if it holds no face"
+            )
+
+
 def anonymize_batch(
-    anonymizer: Any, batch: Any, image_keys: Sequence[Hashable] | None = None, labels: Sequence[Any] | None = None
+    anonymizer: Any,
+    batch: Any,
+    image_keys: Sequence[Hashable] | None = None,
+    labels: Sequence[Any] | None = None,
+    *,
+    passthrough_keys: Sequence[Hashable] = (),
+    alpha_channel: bool = False,
 ) -> Any:
-    """A collated batch with every ``B,C,H,W`` image tensor anonymized, everything else as it was.
+    """A collated batch with every image tensor anonymized, everything else as it was.
 
     Args:
         anonymizer: the pipeline.
-        batch: a ``B,C,H,W`` tensor, or a tuple / list / dict holding such tensors.
-        image_keys: dict keys / tuple positions of the image tensors; None: every 4-d tensor
-            with 1, 3 or 4 channels.
+        batch: a ``B,C,H,W`` (or ``B,H,W,C``) tensor, or a tuple / list / dict holding such tensors.
+        image_keys: dict keys / tuple positions of the image tensors; None: every field that is a
+            batch of images by the sample walker's rule (:func:`anonloader.data.adapters.image_layout`).
         labels: identity labels per batch item (``label`` strategy), or None.
+        passthrough_keys: fields that hold no face, left as they are whatever they look like.
+        alpha_channel: 4-channel images carry alpha in the last channel (kept); else an error.
+
+    Raises:
+        UnsupportedImageError: a field that looks like images but cannot be anonymized here
+            (fail closed: it would otherwise reach the model as it was).
     """
     if _is_image_batch(batch) and image_keys is None:
-        return _anonymize_tensor(anonymizer, batch, labels)
+        return _anonymize_tensor(anonymizer, batch, labels, alpha_channel=alpha_channel)
     if isinstance(batch, dict):
-        keys = list(image_keys) if image_keys is not None else [k for k, v in batch.items() if _is_image_batch(v)]
+        keys = list(image_keys) if image_keys is not None else [k for k, v in batch.items() if _is_image_batch(v) and k not in passthrough_keys]
+        _refuse_unclaimed_images(batch, keys, passthrough_keys)
         out = dict(batch)
         for key in keys:
-            out[key] = _anonymize_tensor(anonymizer, batch[key], labels)
+            out[key] = _anonymize_tensor(anonymizer, batch[key], labels, alpha_channel=alpha_channel)
         return type(batch)(out) if type(batch) is not dict else out
     if isinstance(batch, (tuple, list)):
-        positions = list(image_keys) if image_keys is not None else [i for i, v in enumerate(batch) if _is_image_batch(v)]
+        positions = list(image_keys) if image_keys is not None else [i for i, v in enumerate(batch) if _is_image_batch(v) and i not in passthrough_keys]
+        _refuse_unclaimed_images(batch, positions, passthrough_keys)
         items = list(batch)
         for position in positions:
-            items[position] = _anonymize_tensor(anonymizer, batch[position], labels)
+            items[position] = _anonymize_tensor(anonymizer, batch[position], labels, alpha_channel=alpha_channel)
         return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
     raise ConfigError(f"found no B,C,H,W image tensor in a {type(batch).__name__} batch; pass image_key=")
 
@@ -116,6 +150,8 @@ class AnonymizedDataModule(pl.LightningDataModule):
         identity_label: ``f(sample) -> label`` (``"sample"`` stage, ``label`` identity strategy).
         cache, cache_mode, secret: LMDB cache for the ``"sample"`` stage (see
             :func:`anonloader.anonymize`).
+        passthrough_keys: fields that hold no face (kept as they are, whatever they look like).
+        alpha_channel: 4-channel images carry alpha in the last channel (kept as it is).
         **anonymizer_kwargs: :class:`~anonloader.pipeline.Anonymizer` options.
     """
 
@@ -132,6 +168,8 @@ class AnonymizedDataModule(pl.LightningDataModule):
         cache: Any = None,
         cache_mode: str = "read-through",
         secret: str | bytes | None = None,
+        passthrough_keys: Sequence[Hashable] = (),
+        alpha_channel: bool = False,
         **anonymizer_kwargs: Any,
     ) -> None:
         if stage not in ("sample", "batch"):
@@ -149,6 +187,7 @@ class AnonymizedDataModule(pl.LightningDataModule):
         self.image_keys = None if image_key is None else ([image_key] if isinstance(image_key, (str, int)) else list(image_key))
         self.identity_label = identity_label
         self.cache, self.cache_mode, self.secret = cache, cache_mode, secret
+        self.passthrough_keys, self.alpha_channel = tuple(passthrough_keys), bool(alpha_channel)
         self._bind_batch_hooks()
 
     # -- the wrapped module's state and hooks -------------------------------------------------
@@ -237,6 +276,7 @@ class AnonymizedDataModule(pl.LightningDataModule):
         dataset = anonymize(
             loader.dataset, self.anonymizer, image_key=self.image_keys, identity_label=self.identity_label,
             cache=self.cache, cache_mode=self.cache_mode, secret=self.secret,  # type: ignore[arg-type]
+            passthrough_keys=self.passthrough_keys, alpha_channel=self.alpha_channel,
         )
         options: dict[str, Any] = {
             "num_workers": loader.num_workers,
@@ -291,4 +331,6 @@ def _anonymize_after_transfer(self: AnonymizedDataModule, batch: Any, dataloader
     split = self._current_split()
     if split is not None and split not in self.splits:
         return batch
-    return anonymize_batch(self.anonymizer, batch, self.image_keys)
+    return anonymize_batch(
+        self.anonymizer, batch, self.image_keys, passthrough_keys=self.passthrough_keys, alpha_channel=self.alpha_channel
+    )
