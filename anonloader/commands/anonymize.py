@@ -66,6 +66,7 @@ class ImageFiles(torch.utils.data.Dataset):
         from PIL import Image, UnidentifiedImageError
 
         from anonloader.data.adapters import join_sample, split_sample
+        from anonloader.errors import InputError
 
         name = self.files[index]
         try:
@@ -73,9 +74,10 @@ class ImageFiles(torch.utils.data.Dataset):
                 fmt = opened.format or "PNG"
                 opened.load()
                 picture = opened.copy()
-        except (OSError, UnidentifiedImageError) as error:
-            return {"name": name, "data": None, "records": [], "error": f"cannot decode: {error}", "status": "unreadable", "thumbs": None}
-        images, skeleton = split_sample(picture, None, index=index)
+            images, skeleton = split_sample(picture, None, index=index)
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, InputError) as error:
+            # a file that cannot be read as an image is a failure of that file, never a raw copy
+            return {"name": name, "data": None, "records": [], "error": f"cannot read: {error}", "status": "unreadable", "thumbs": None}
         processed = self.stage.process(index, images, None)[0]
         statuses = [r.status for r in processed.records]
         data = None

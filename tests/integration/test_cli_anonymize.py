@@ -117,3 +117,18 @@ def test_saved_hf_dataset(tmp_path):
     assert anon["label"] == [0, 1]
     change = np.abs(np.asarray(anon[0]["image"], dtype=float)[ROWS, COLS] - np.asarray(small_faces(1)[0], dtype=float)[ROWS, COLS]).mean()
     assert change > 3
+
+
+def test_files_the_pipeline_refuses_are_failures_not_crashes_or_copies(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "mixed"
+    src.mkdir()
+    small_faces(1)[0].save(src / "face.png")
+    sixteen = (np.asarray(small_faces(1)[0].convert("L"), dtype=np.uint16) * 257)
+    Image.fromarray(sixteen).save(src / "deep.png")  # 16 bits per channel: refused, named
+    big = Image.new("RGB", (300, 300))
+    big.save(src / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 300x300 is a "bomb" now (> 2x the limit)
+    code = main(["anonymize", str(src), str(tmp_path / "out"), "-q"])
+    assert code == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["face.png"]
+    assert "failures     2" in capsys.readouterr().out
