@@ -188,3 +188,93 @@ def test_d3dfr_checkpoint_written_from_our_module_loads(tmp_path):
     torch.save({"net_recon": D3DFRNet("resnet34").state_dict()}, tmp_path / "other.pth")
     with pytest.raises(ModelLoadError, match="resnet18"):
         D3DFRReconstructor(tmp_path / "other.pth", backbone="resnet18")
+
+
+def _grid(half: float, z: float, n: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """An n x n vertex grid over [-half, half]² at depth z and its triangles (0-based), wound so
+    the normals point to +z (towards the camera)."""
+    xs = np.linspace(-half, half, n)
+    vertices = np.array([[x, y, z] for y in xs for x in xs])
+    tri = []
+    for r in range(n - 1):
+        for c in range(n - 1):
+            i = r * n + c
+            tri += [[i, i + 1, i + n + 1], [i, i + n + 1, i + n]]
+    return vertices, np.array(tri)
+
+
+def _write_bfm(path, seed: int = 0) -> None:
+    import scipy.io
+
+    front, tri_f = _grid(0.3, 0.4)
+    back, tri_b = _grid(0.6, 0.0)
+    vertices = np.concatenate([front, back])
+    tri = np.concatenate([tri_f, tri_b + len(front)]) + 1  # 1-based, as the BFM files
+    tex = np.concatenate([np.tile([255.0, 0, 0], (len(front), 1)), np.tile([0, 0, 255.0], (len(back), 1))])
+    rng = np.random.default_rng(seed)
+    n3 = 3 * len(vertices)
+    scipy.io.savemat(str(path), {"meanshape": vertices.reshape(1, -1), "idBase": rng.normal(0, 1e-3, (n3, 80)),
+                                 "exBase": rng.normal(0, 1e-3, (n3, 64)), "meantex": tex.reshape(1, -1),
+                                 "texBase": rng.normal(0, 1e-2, (n3, 80)), "tri": tri})
+
+
+def test_bfm_renderer_z_buffer_and_sh_shading(tmp_path):
+    import math
+
+    from anonloader.methods.diffdeid.conditions import BFMRenderer
+
+    _write_bfm(tmp_path / "bfm.mat")
+    renderer = BFMRenderer(tmp_path / "bfm.mat", radius=1)
+    rho = torch.zeros(1, 261)
+    layout = RhoLayout()
+    image = renderer(rho, 224)[0]
+    # the mean shape is centred: front layer at z = 0.2, back at -0.2; the camera sits at z = 10
+    centre_x = 1015 * 0.0 / (10 - 0.2) + 112
+    ambient = 0.8 * math.pi / math.sqrt(4 * math.pi)  # band 0 only: 0.8 * a0 * c0
+    pixel = image[:, round(224 - centre_x), round(centre_x)]
+    assert torch.allclose(pixel, torch.tensor([ambient, 0.0, 0.0]), atol=1e-5)  # the nearer (red) layer wins
+    corner = 1015 * 0.6 / (10 + 0.2) + 112  # a back-layer corner, outside the front layer
+    assert torch.allclose(image[:, round(224 - corner), round(corner)], torch.tensor([0.0, 0.0, ambient]), atol=1e-5)
+    assert image[:, 2, 2].abs().sum() == 0
+    # SH: normals (0, 0, 1); band 2 (a1 c1 n_z) of the red channel adds 0.1 a1 c1
+    rho2 = rho.clone()
+    rho2[0, layout.slice("gamma").start + 2] = 0.1
+    a1c1 = (2 * math.pi / math.sqrt(3)) * (math.sqrt(3) / math.sqrt(4 * math.pi))
+    shaded = renderer(rho2, 224)[0][:, round(224 - centre_x), round(centre_x)]
+    assert ambient + 0.1 * a1c1 < 1 and shaded[0] == pytest.approx(ambient + 0.1 * a1c1, abs=1e-5)
+    # translation along x moves the render by 1015 * tx / depth pixels
+    rho3 = rho.clone()
+    rho3[0, layout.slice("pose").start + 3] = 0.1
+    moved = renderer(rho3, 224)[0]
+    shift = round(1015 * 0.1 / (10 - 0.2))
+    assert torch.allclose(moved[:, round(224 - centre_x), round(centre_x) + shift], pixel, atol=1e-5)
+    (tmp_path / "bad.mat").write_bytes(b"nope")
+    with pytest.raises(ModelLoadError):
+        BFMRenderer(tmp_path / "bad.mat")
+
+
+def test_d3dfr_and_bfm_drive_diffdeid(tmp_path):
+    from anonloader.identity.sampler import LatentIDSampler
+    from anonloader.methods.diffdeid.conditions import BFMRenderer
+    from anonloader.methods.diffdeid.model import DiffDeID
+
+    torch.manual_seed(0)
+    torch.save({"net_recon": D3DFRNet("resnet18").state_dict()}, tmp_path / "d3dfr.pth")
+    _write_bfm(tmp_path / "bfm.mat")
+    shapes = LatentIDSampler(80, timesteps=20, hidden=16, depth=1, unit_norm=False)
+    shapes.fit(torch.randn(32, 80) * 0.1, steps=5, batch_size=8)
+    ids = LatentIDSampler(128, timesteps=20, hidden=16, depth=1, space="dlib")
+    ids.fit(torch.randn(32, 128), steps=5, batch_size=8)
+    method = DiffDeID(config="tiny", face_model=D3DFRReconstructor(tmp_path / "d3dfr.pth", backbone="resnet18"),
+                      renderer=BFMRenderer(tmp_path / "bfm.mat"), id_sampler=ids, shape_sampler=shapes, num_inference_steps=1)
+    crops, _ = _astronaut_face()
+    from anonloader.align import template_points
+    from anonloader.types import FaceConditions
+
+    small = torch.nn.functional.interpolate(crops, size=(32, 32), mode="bilinear", antialias=True)
+    out = method(small, FaceConditions([1], [None], [None], template_points(32, "ffhq")[None]))
+    assert out.shape == (1, 3, 32, 32)
+    config = method.config()
+    assert config["face_model"]["kind"] == "d3dfr" and config["renderer"]["kind"] == "bfm"
+    with pytest.raises(Exception, match="renderer"):
+        DiffDeID(config="tiny", face_model=D3DFRReconstructor(tmp_path / "d3dfr.pth", backbone="resnet18"))

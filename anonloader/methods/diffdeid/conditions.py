@@ -35,8 +35,14 @@ Offline stand-ins (named as such in their ``kind`` and in ``config()``):
 pixels inside the eye contour darker than the midpoint of their minimum and median grey level
 (no gaze model ships offline).
 
-Not built: a BFM ``.mat`` renderer (the real :class:`FaceRenderer`); pass any object following
-the protocol.
+- :class:`BFMRenderer`: the user's Basel Face Model ``.mat`` in Deep3DFaceRecon's layout
+  (``meanshape``, ``idBase``, ``exBase``, ``meantex``, ``texBase``, ``tri``) and a torch z-buffer
+  point-splat rasterizer: S = S̄ + P_id α' + P_exp β, T = T̄ + P_t δ, SH light γ (9 bands per
+  colour, D3DFR's constants and its 0.8 ambient offset), rotation ``Rz Ry Rx`` of p's angles,
+  p's translation, a pinhole camera (focal 1015, centre 112, distance 10: D3DFR's 224 px frame,
+  scaled to the crop side). Each vertex splats a square of ``2 radius + 1`` pixels; per pixel the
+  nearest vertex wins. Deviation: D3DFR aligns its input with its own 5-point template at
+  224 px; here the ffhq crop is resized, so the render sits where D3DFR's frame puts it.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from anonloader.errors import ConfigError, MethodError, ModelLoadError
 from anonloader.methods.diffdeid.network import RHO_PARTS
 
 __all__ = [
+    "BFMRenderer",
     "ContourRenderer",
     "D3DFRNet",
     "D3DFRReconstructor",
@@ -600,3 +607,134 @@ class D3DFRReconstructor:
 
     def config(self) -> dict[str, Any]:
         return {"kind": self.kind, "backbone": self.backbone, "sha256": self._digest}
+
+
+# ---------------------------------------------------------------------------- BFM renderer
+_SH_A = (math.pi, 2 * math.pi / math.sqrt(3.0), 2 * math.pi / math.sqrt(8.0))
+_SH_C = (1 / math.sqrt(4 * math.pi), math.sqrt(3.0) / math.sqrt(4 * math.pi), 3 * math.sqrt(5.0) / math.sqrt(12 * math.pi))
+
+
+def sh_shading(normals: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """D3DFR's SH lighting: ``normals`` ``B,N,3`` unit, ``gamma`` ``B,27`` (3 colours x 9 bands,
+    0.8 added to each colour's band 0) -> ``B,N,3`` irradiance."""
+    a, c = _SH_A, _SH_C
+    nx, ny, nz = normals.unbind(-1)
+    basis = torch.stack([
+        torch.full_like(nx, a[0] * c[0]), -a[1] * c[1] * ny, a[1] * c[1] * nz, -a[1] * c[1] * nx,
+        a[2] * c[2] * nx * ny, -a[2] * c[2] * ny * nz, 0.5 * a[2] * c[2] / math.sqrt(3.0) * (3 * nz * nz - 1),
+        -a[2] * c[2] * nx * nz, 0.5 * a[2] * c[2] * (nx * nx - ny * ny),
+    ], dim=-1)  # B,N,9
+    g = gamma.reshape(-1, 3, 9).clone()
+    g[:, :, 0] += 0.8
+    return torch.einsum("bnk,bck->bnc", basis, g)
+
+
+def euler_rotation(angles: torch.Tensor) -> torch.Tensor:
+    """``B,3`` (x, y, z) radians -> ``B,3,3`` ``Rz Ry Rx`` (column vectors)."""
+    x, y, z = angles.unbind(-1)
+    one, zero = torch.ones_like(x), torch.zeros_like(x)
+    rx = torch.stack([one, zero, zero, zero, x.cos(), -x.sin(), zero, x.sin(), x.cos()], -1).view(-1, 3, 3)
+    ry = torch.stack([y.cos(), zero, y.sin(), zero, one, zero, -y.sin(), zero, y.cos()], -1).view(-1, 3, 3)
+    rz = torch.stack([z.cos(), -z.sin(), zero, z.sin(), z.cos(), zero, zero, zero, one], -1).view(-1, 3, 3)
+    return rz @ ry @ rx
+
+
+def splat(points: torch.Tensor, depth: torch.Tensor, colours: torch.Tensor, size: int, radius: int = 1) -> torch.Tensor:
+    """z-buffer point splatting: ``points`` ``N,2`` pixel (x, y), ``depth`` ``N`` (smaller is
+    nearer), ``colours`` ``N,3`` -> ``3,size,size`` (0 where nothing lands)."""
+    offsets = torch.arange(-radius, radius + 1)
+    dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
+    px = (points[:, 0].round().long()[:, None] + dx.reshape(1, -1)).reshape(-1)
+    py = (points[:, 1].round().long()[:, None] + dy.reshape(1, -1)).reshape(-1)
+    source = torch.arange(len(points)).repeat_interleave(dx.numel())
+    inside = (px >= 0) & (px < size) & (py >= 0) & (py < size)
+    px, py, source = px[inside], py[inside], source[inside]
+    pixel = py * size + px
+    d = depth[source].float()
+    best = torch.full((size * size,), float("inf")).scatter_reduce(0, pixel, d, reduce="amin")
+    winner = d <= best[pixel]
+    chosen = torch.full((size * size,), -1, dtype=torch.long).scatter_reduce(0, pixel[winner], source[winner], reduce="amax")
+    image = torch.zeros(size * size, 3)
+    hit = chosen >= 0
+    image[hit] = colours[chosen[hit]].float()
+    return image.T.reshape(3, size, size)
+
+
+class BFMRenderer:
+    """The real renderer: the user's BFM ``.mat`` (Deep3DFaceRecon layout) and a z-buffer point
+    splatter (see the module docstring).
+
+    Args:
+        path: ``BFM_model_front.mat`` or another file with ``meanshape`` (``1,3N``), ``idBase``
+            (``3N,80``), ``exBase`` (``3N,64``), ``meantex`` (``1,3N``, 0..255), ``texBase``
+            (``3N,80``) and ``tri`` (``M,3``, 1-based vertex ids).
+        radius: splat half-width in pixels at 224 px (scaled with the crop side, at least 0).
+    """
+
+    kind = "bfm"
+
+    def __init__(self, path: str | Path, radius: int = 1) -> None:
+        import scipy.io
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelLoadError(f"BFM file not found: {path}; pass the path of your local BFM_model_front.mat")
+        try:
+            mat = scipy.io.loadmat(str(path))
+        except Exception as error:  # scipy raises several types for bad files
+            raise ModelLoadError(f"{path} is not a readable .mat file: {error}") from error
+        missing = [k for k in ("meanshape", "idBase", "exBase", "meantex", "texBase", "tri") if k not in mat]
+        if missing:
+            raise ModelLoadError(f"{path} lacks {missing}; expected Deep3DFaceRecon's BFM_model_front.mat layout")
+        shape = torch.from_numpy(np.asarray(mat["meanshape"], np.float64)).float().reshape(-1, 3)
+        self.mean_shape = shape - shape.mean(0, keepdim=True)  # D3DFR centres the mean shape
+        self.id_base = torch.from_numpy(np.asarray(mat["idBase"], np.float32))
+        self.exp_base = torch.from_numpy(np.asarray(mat["exBase"], np.float32))
+        self.mean_tex = torch.from_numpy(np.asarray(mat["meantex"], np.float32)).reshape(-1, 3)
+        self.tex_base = torch.from_numpy(np.asarray(mat["texBase"], np.float32))
+        self.tri = torch.from_numpy(np.asarray(mat["tri"], np.int64)) - 1
+        self.radius = int(radius)
+        self.path, self._digest = path, hashlib.sha256(path.read_bytes()).hexdigest()
+        self.layout = RhoLayout()
+        n = len(self.mean_shape)
+        if self.id_base.shape[0] != 3 * n or self.exp_base.shape[0] != 3 * n or self.tex_base.shape[0] != 3 * n:
+            raise ModelLoadError(f"{path}: bases do not match the {n} vertices of meanshape")
+
+    def geometry(self, rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(vertices in camera space ``B,N,3``, vertex normals ``B,N,3``, albedo ``B,N,3`` in [0,1])."""
+        lay = self.layout
+        alpha, beta, delta = rho[:, lay.slice("alpha")].float(), rho[:, lay.slice("beta")].float(), rho[:, lay.slice("delta")].float()
+        pose = rho[:, lay.slice("pose")].float()
+        b = len(rho)
+        shape = self.mean_shape[None] + (alpha @ self.id_base.T + beta @ self.exp_base.T).view(b, -1, 3)
+        albedo = (self.mean_tex[None] + (delta @ self.tex_base.T).view(b, -1, 3)) / 255.0
+        tri = self.tri
+        v0, v1, v2 = shape[:, tri[:, 0]], shape[:, tri[:, 1]], shape[:, tri[:, 2]]
+        face_normals = torch.cross(v1 - v0, v2 - v1, dim=-1)
+        normals = torch.zeros_like(shape)
+        for k in range(3):
+            normals.index_add_(1, tri[:, k], face_normals)
+        normals = torch.nn.functional.normalize(normals, dim=-1)
+        rotation = euler_rotation(pose[:, :3])
+        vertices = shape @ rotation.transpose(1, 2) + pose[:, None, 3:6]
+        return vertices, normals @ rotation.transpose(1, 2), albedo
+
+    def project(self, vertices: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Camera-space ``B,N,3`` -> (pixels ``B,N,2`` in the ``size`` crop, depth ``B,N``)."""
+        depth = 10.0 - vertices[..., 2]
+        scale = size / 224.0
+        x = (1015.0 * vertices[..., 0] / depth + 112.0) * scale
+        y = (224.0 - (1015.0 * vertices[..., 1] / depth + 112.0)) * scale  # image rows grow downwards
+        return torch.stack([x, y], -1), depth
+
+    @torch.no_grad()
+    def __call__(self, rho: torch.Tensor, size: int) -> torch.Tensor:
+        """ρ' ``F,261`` -> I_3d ``F,3,size,size float in [0,1]`` (0 off the face)."""
+        vertices, normals, albedo = self.geometry(rho.cpu())
+        colours = (albedo * sh_shading(normals, rho[:, self.layout.slice("gamma")].float().cpu())).clamp(0, 1)
+        points, depth = self.project(vertices, size)
+        radius = max(0, round(self.radius * size / 224))
+        return torch.stack([splat(points[i], depth[i], colours[i], size, radius) for i in range(len(rho))])
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "sha256": self._digest, "radius": self.radius}
