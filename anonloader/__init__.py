@@ -34,6 +34,7 @@ _EXPORTS = {
     "IdentityBank": "anonloader.identity.bank",
     "KeyedIdentityAssigner": "anonloader.identity.assigner",
     "errors": "anonloader.errors",
+    "audit": "anonloader.audit",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -41,6 +42,7 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 if TYPE_CHECKING:
     from anonloader import errors
     from anonloader.align import align_faces
+    from anonloader.audit import audit
     from anonloader.cache.precompute import precompute
     from anonloader.cache.store import AnonCache
     from anonloader.data.dataset import anonymize, collate_skip_dropped

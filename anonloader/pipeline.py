@@ -8,11 +8,20 @@ leaves as it was. Per image, ``on_error`` decides:
 - ``"raise"``: :class:`~anonloader.errors.AnonymizationFailed` names the image and the cause.
 
 ``on_no_face`` decides what happens to images where the detector found nothing: ``"keep"``
-(default; there is no face to hide), ``"drop"`` or ``"obscure"``.
+(default; there is no face to hide), ``"drop"`` or ``"obscure"``. ``"keep"`` stays the default
+because revalidation (below) checks every kept image, faces or not, with a detector of its own.
+
+Revalidation (``revalidate``, on by default): after paste-back a detector runs on the *output*.
+A face found there that overlaps no face the pipeline anonymized gets a second round (counted
+in ``counters["revalidated"]``, its record has ``revalidated=True``); if a detector still finds
+it after that, the image follows ``on_error``. It costs one more detector pass per image (the
+``"default"`` stage: about as long as detection itself) and a second round only where a face
+was missed; ``revalidate=False`` turns it off.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import Counter
@@ -39,8 +48,10 @@ logger = logging.getLogger(__name__)
 OnError = Literal["obscure", "drop", "raise"]
 OnNoFace = Literal["keep", "drop", "obscure"]
 _SEED_MASK = (1 << 63) - 1
+#: CenterFace threshold of the revalidation detector (``revalidate=True``)
+REVALIDATE_MIN_SCORE = 0.5
 #: what :attr:`Anonymizer.counters` counts
-COUNTERS = ("images", "faces", "anonymized", "failed", "dropped", "obscured", "detector_errors")
+COUNTERS = ("images", "faces", "anonymized", "failed", "dropped", "obscured", "detector_errors", "revalidated")
 
 
 def _new_counters() -> Counter[str]:
@@ -105,6 +116,20 @@ def _to_crop(landmarks: torch.Tensor, crop_size: int, template: str, margin: flo
     return points @ affine.transpose(1, 2)
 
 
+def _overlaps(boxes: torch.Tensor, others: torch.Tensor, share: float = 0.3) -> torch.Tensor:
+    """``N bool``: whether each of ``boxes`` (``N,4``) overlaps one of ``others`` (``M,4``) by
+    more than ``share`` of the smaller box's area."""
+    if boxes.shape[0] == 0 or others.shape[0] == 0:
+        return torch.zeros(boxes.shape[0], dtype=torch.bool)
+    top_left = torch.maximum(boxes[:, None, :2], others[None, :, :2])
+    bottom_right = torch.minimum(boxes[:, None, 2:], others[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
+    area_a = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1)
+    area_b = (others[:, 2:] - others[:, :2]).clamp(min=0).prod(dim=1)
+    smaller = torch.minimum(area_a[:, None], area_b[None, :]).clamp(min=1e-6)
+    return (inter / smaller > share).any(dim=1)
+
+
 def _check_image(image: Any, index: int) -> torch.Tensor:
     if not isinstance(image, torch.Tensor):
         raise UnsupportedImageError(
@@ -129,9 +154,14 @@ class Anonymizer:
     Args:
         method: a registry name (``"blur"``, ``"pixelate"``, ``"mask"``, ``"fams"``,
             ``"iddiffuse"``) or a :class:`~anonloader.methods.Method` instance.
-        detector: ``"mtcnn"`` (offline default), ``"scrfd"``, a
-            :class:`~anonloader.detect.base.Detector`, or ``None`` when every call passes
-            ``detections`` (faces from the dataset's own annotations).
+        detector: a name from :data:`anonloader.detect.DETECTORS` (``"default"``: CenterFace
+            with recall passes; ``"fast"``, ``"strong"``, ``"mtcnn"``, ``"centerface"``,
+            ``"ensemble"``, ``"scrfd"``), a :class:`~anonloader.detect.base.Detector`, or
+            ``None`` when every call passes ``detections`` (faces from the dataset's own
+            annotations).
+        revalidate: run a detector on the output and give faces it finds a second round (see
+            the module docstring): ``True`` (the ``"default"`` stage at CenterFace threshold
+            :data:`REVALIDATE_MIN_SCORE`), a detector name or object, or ``False``.
         identity: an :class:`~anonloader.identity.base.IdentityAssigner` giving each face its
             stable synthetic identity and seed; without one, seeds come from the crop's content.
         on_error, on_no_face: fail-closed policies (see the module docstring).
@@ -149,7 +179,8 @@ class Anonymizer:
         self,
         method: str | Method = "blur",
         *,
-        detector: str | Detector | None = "mtcnn",
+        detector: str | Detector | None = "default",
+        revalidate: bool | str | Detector = True,
         identity: IdentityAssigner | None = None,
         on_error: OnError = "obscure",
         on_no_face: OnNoFace = "keep",
@@ -171,6 +202,13 @@ class Anonymizer:
 
         self.method = get_method(method, **method_kwargs)
         self.detector = load_detector(detector) if detector is not None else None
+        if revalidate is None or revalidate is False:
+            self.revalidator: Detector | None = None
+        else:
+            # True: the default stage at a higher threshold, so that a method's own artefacts (pixel
+            # blocks, mask edges) that score ~0.3 do not trigger second rounds; a real face the
+            # detector missed scores far above it
+            self.revalidator = load_detector("default", min_score=REVALIDATE_MIN_SCORE) if revalidate is True else load_detector(revalidate)
         self.identity = identity
         self.on_error: OnError = on_error
         self.on_no_face: OnNoFace = on_no_face
@@ -203,6 +241,9 @@ class Anonymizer:
             },
             "paste": {"feather": self.feather, "color_match": self.uses_color_match},
             "policy": {"on_error": self.on_error, "on_no_face": self.on_no_face},
+            "revalidate": None
+            if self.revalidator is None
+            else {"name": self.revalidator.name, **self.revalidator.config()},
         }
 
     def fingerprint(self) -> str:
@@ -253,7 +294,80 @@ class Anonymizer:
         ok = [i for i in range(n) if errors[i] is None and len(found[i]) > 0]
         if ok:
             self._anonymize_faces(checked, found, ok, labels, outputs, records, errors)
+        if self.revalidator is not None:
+            self._revalidate(found, labels, outputs, records, errors)
         return self._apply_policies(checked, found, outputs, records, errors)
+
+    def _revalidate(
+        self,
+        found: list[Detections],
+        labels: Sequence[Any] | None,
+        outputs: list[torch.Tensor | None],
+        records: list[list[FaceRecord]],
+        errors: list[str | None],
+    ) -> None:
+        """Detect on the outputs; a face overlapping no anonymized face gets a second round,
+        and an image where one survives that fails closed (``errors`` set)."""
+        todo = [i for i, out in enumerate(outputs) if out is not None and errors[i] is None]
+        missed = self._residual_faces(outputs, todo, found, errors)
+        again = [i for i in todo if errors[i] is None and len(missed[i])]
+        if not again:
+            return
+        self.counters["revalidated"] += sum(len(missed[i]) for i in again)
+        second: list[list[FaceRecord]] = [[] for _ in outputs]
+        before = list(outputs)
+        self._anonymize_faces(before, missed, again, labels, outputs, second, errors)
+        survivors = self._residual_faces(outputs, [i for i in again if errors[i] is None], found, errors, missed)
+        for i in again:
+            found[i] = Detections(
+                torch.cat([found[i].boxes.cpu(), missed[i].boxes.cpu()]),
+                torch.cat([found[i].landmarks.cpu(), missed[i].landmarks.cpu()]),
+                torch.cat([found[i].scores.cpu(), missed[i].scores.cpu()]),
+            )
+            records[i].extend(dataclasses.replace(r, revalidated=True) for r in second[i])
+            if errors[i] is None and len(survivors[i]):
+                errors[i] = (
+                    f"image {i}: {len(survivors[i])} face(s) the detector missed were still found after a second "
+                    f"round (revalidation), e.g. at box {[round(float(v)) for v in survivors[i].boxes[0]]}; "
+                    "use a stronger method or detector, or on_error='drop'"
+                )
+
+    def _residual_faces(
+        self,
+        outputs: list[torch.Tensor | None],
+        todo: list[int],
+        found: list[Detections],
+        errors: list[str | None],
+        only: list[Detections] | None = None,
+    ) -> list[Detections]:
+        """Faces the revalidator finds in ``outputs[todo]`` overlapping none of ``found``
+        (or, with ``only``, overlapping those); detector failures fail the image closed."""
+        residual = [Detections.empty() for _ in outputs]
+        if not todo:
+            return residual
+        assert self.revalidator is not None
+        batch = [outputs[i].clamp(0, 1).float().cpu() for i in todo]  # type: ignore[union-attr]
+        try:
+            results = self.revalidator(batch)
+        except Exception:  # noqa: BLE001 - isolate the failing image below
+            results = []
+            for i, image in zip(todo, batch):
+                try:
+                    results.append(self.revalidator([image])[0])
+                except Exception as error:  # noqa: BLE001 - fail closed
+                    self.counters["detector_errors"] += 1
+                    errors[i] = f"image {i}: revalidation failed: {type(error).__name__}: {error}"
+                    results.append(Detections.empty())
+        for i, faces in zip(todo, results, strict=True):
+            if not len(faces):
+                continue
+            boxes = faces.boxes.float().cpu()
+            if only is not None:
+                keep = _overlaps(boxes, only[i].boxes.float().cpu())
+            else:
+                keep = ~_overlaps(boxes, found[i].boxes.float().cpu())
+            residual[i] = Detections(boxes[keep], faces.landmarks.float().cpu()[keep], faces.scores.float().cpu()[keep])
+        return residual
 
     def _detect(
         self,

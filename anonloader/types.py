@@ -100,6 +100,7 @@ class FaceRecord:
     """What happened to one face: where it was, and whether it was anonymized.
 
     ``box`` is ``4 float32`` (x1, y1, x2, y2 pixels), ``landmarks`` ``5,2 float32`` pixels.
+    ``revalidated`` is True for a face the detector missed and revalidation found on the output.
     """
 
     box: tuple[float, float, float, float]
@@ -108,6 +109,7 @@ class FaceRecord:
     status: FaceStatus
     synthetic_id: int | None = None
     error: str | None = None
+    revalidated: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,4 +119,5 @@ class FaceRecord:
             "status": self.status,
             "synthetic_id": self.synthetic_id,
             "error": self.error,
+            "revalidated": self.revalidated,
         }

@@ -276,7 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         start = time.perf_counter()
         results[name] = time_contestant(name, cases, 1 if name == "strong" else args.repeats)
-        print(f"  {name}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        per = results[name]["per_class"]
+        summary = " ".join(f"{k}={v[0]}/{v[1]}" for k, v in per.items())
+        rate = sum(v[2] for v in per.values()) / sum(v[3] for v in per.values())
+        print(f"  {name}: {summary} {rate:.2f} img/s (done in {time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     classes = list(results["deface"]["per_class"])
     header = f"{'contestant':<17}" + "".join(f"{k:>11}" for k in classes) + f"{'all':>9}{'img/s':>8}{'MP/s':>7}{'x deface':>9}"
     print(header)
