@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("lightning")
 
-from anonloader.methods.diffprivacy.backbone import build_tiny_backbone  # noqa: E402
+from anonloader.methods.diffprivacy.backbone import build_tiny_backbone, module_digest  # noqa: E402
 from anonloader.methods.diffprivacy.msi import (  # noqa: E402
     MSI,
     anchor_embedding,
@@ -21,7 +21,6 @@ from anonloader.methods.diffprivacy.msi import (  # noqa: E402
     stage_timesteps,
 )
 from anonloader.methods.diffprivacy.training import MSIModule, cross_attention_dropouts, msi_loss  # noqa: E402
-from anonloader.methods.fams.components import state_digest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +75,7 @@ def test_msi_round_trips_through_save_pretrained(backbone, tmp_path):
     msi = _msi(backbone, seed=3)
     msi.save_pretrained(tmp_path / "msi", safe_serialization=True)
     loaded = MSI.from_pretrained(tmp_path / "msi")
-    assert state_digest(loaded) == state_digest(msi) and tuple(loaded.config.layers) == tuple(msi.config.layers)
+    assert module_digest(loaded) == module_digest(msi) and tuple(loaded.config.layers) == tuple(msi.config.layers)
 
 
 def test_training_uses_each_samples_own_stage(backbone):
@@ -96,7 +95,7 @@ def test_two_lightning_steps_change_only_msi(backbone, tmp_path):
     import lightning.pytorch as pl
 
     msi = _msi(backbone, seed=5)
-    frozen = {name: state_digest(net) for name, net in backbone.networks().items()}
+    frozen = {name: module_digest(net) for name, net in backbone.networks().items()}
     before = {k: v.clone() for k, v in msi.state_dict().items()}
     module = MSIModule(backbone, msi, lr=1e-2)
     modes: list[tuple[bool, bool, float]] = []
@@ -110,7 +109,7 @@ def test_two_lightning_steps_change_only_msi(backbone, tmp_path):
     trainer.fit(module, data)
     handle.remove()
     assert modes == [(True, False, 0.05)] * 2  # dropout on in the cross-attention only, while training
-    assert {name: state_digest(net) for name, net in backbone.networks().items()} == frozen
+    assert {name: module_digest(net) for name, net in backbone.networks().items()} == frozen
     changed = [k for k, v in msi.state_dict().items() if not torch.equal(v, before[k])]
     assert "out.weight" in changed and any(k.startswith("projections.") for k in changed)
     assert all(not p.requires_grad for net in backbone.networks().values() for p in net.parameters())

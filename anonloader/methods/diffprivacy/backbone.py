@@ -26,7 +26,7 @@ import torch
 
 from anonloader.errors import ModelLoadError
 from anonloader.fingerprint import hash_file
-from anonloader.methods.fams.components import ClipInput, state_digest
+from anonloader.methods.fams.components import ClipInput
 from anonloader.methods.fams.weights import own_aligned_memory, resolve_directory, weight_files_digest
 
 from .schedule import NoiseSchedule, v_to_eps
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Backbone",
+    "module_digest",
     "CLIP_MODEL_ID",
     "SD15_SCHEDULER_CONFIG",
     "SD_MODEL_ID",
@@ -95,7 +96,7 @@ class Backbone:
         for network in self.networks().values():
             network.eval().requires_grad_(False)
         if not self.digests:
-            self.digests = {name: state_digest(net) for name, net in self.networks().items()}
+            self.digests = {name: module_digest(net) for name, net in self.networks().items()}
             self.digests["tokenizer"] = hashlib.sha256(json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()
 
     def networks(self) -> dict[str, torch.nn.Module]:
@@ -153,6 +154,17 @@ class Backbone:
     def clip_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """``B,3,S,S float in [0,1]`` -> τ_θ's normalized input ``B,3,224,224`` (tiny: smaller)."""
         return self.clip_input(images).to(self.dtype)
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's state dict (names, dtypes, shapes, bytes; 0-d buffers such as
+    BatchNorm's step counter included), for networks that live only in memory."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------- loading

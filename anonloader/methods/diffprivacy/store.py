@@ -1,0 +1,212 @@
+"""The encrypted recovery-key store: its own LMDB environment beside a cache.
+
+Layout: ``<cache directory>/recovery.lmdb/`` (an LMDB environment of its own, so training reads
+of the cache never open it), holding
+
+- ``b"__meta__"``: JSON ``{"format", "aead": "AES-256-GCM", "hkdf": "SHA-256", "kdf": {argon2id
+  salt and cost}, "check": keyed check value, "fingerprint": the pipeline's}`` (no password, no
+  key material);
+- ``b"k/<entry key>/<face:08d>"``: one blob per face (:class:`~.crypto.KeyCipher`), the
+  plaintext being :meth:`~.keys.RecoveryKey.to_bytes`.
+
+The environment is opened lazily, once per process (a forked DataLoader worker opens its own).
+Deleting ``recovery.lmdb`` strips every key; the cache itself is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from anonloader.errors import CacheError, ConfigError, SecretError
+
+from .crypto import FORMAT_TAG, KdfParams, KeyCipher, Secret, derive_cipher
+from .keys import RecoveryKey
+
+__all__ = ["RECOVERY_DB", "RecoveryKeyStore"]
+
+RECOVERY_DB = "recovery.lmdb"
+_META = b"__meta__"
+#: (resolved path, pid) -> (environment, opened read-only)
+_ENVS: dict[tuple[str, int], tuple[Any, bool]] = {}
+
+
+class RecoveryKeyStore:
+    """Encrypted per-face recovery keys of one cache.
+
+    Build with :meth:`create` (a new store, or an existing one with the same password) or
+    :meth:`open`; both derive the key from the password once and check it against the stored
+    check value.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], cipher: KeyCipher, *, readonly: bool = False, map_size: int = 1 << 34) -> None:
+        self.path = Path(directory) / RECOVERY_DB
+        self.cipher = cipher
+        self.readonly = readonly
+        self.map_size = int(map_size)
+
+    # ------------------------------------------------------------------ opening
+    @staticmethod
+    def _raw_env(path: Path, readonly: bool, map_size: int) -> Any:
+        """This process's environment for ``path`` (py-lmdb opens a path once per process, so
+        every store of the same path shares it; a writer reopens a read-only one for writing)."""
+        import lmdb
+
+        if readonly and not path.is_dir():
+            raise CacheError(f"no recovery keys at {path}; this cache was written without key_password (or its keys were stripped)")
+        slot = (str(path.resolve()), os.getpid())
+        found = _ENVS.get(slot)
+        if found is not None and (readonly or not found[1]):
+            return found[0]
+        if found is not None:
+            found[0].close()
+        env = lmdb.open(str(path), subdir=True, readonly=readonly, lock=not readonly, map_size=map_size, max_dbs=0)
+        _ENVS[slot] = (env, readonly)
+        return env
+
+    @classmethod
+    def create(
+        cls,
+        directory: str | os.PathLike[str],
+        key_password: str | bytes | Secret | None = None,
+        *,
+        fingerprint: str,
+        key_password_file: str | os.PathLike[str] | None = None,
+        kdf: KdfParams | None = None,
+        map_size: int = 1 << 34,
+    ) -> RecoveryKeyStore:
+        """Opens the store for writing, creating it (with a fresh salt) if absent.
+
+        Raises:
+            SecretError: no password given, or it does not open an existing store.
+            ConfigError: an existing store belongs to another pipeline fingerprint.
+        """
+        secret = Secret.from_sources(key_password, key_password_file)
+        path = Path(directory) / RECOVERY_DB
+        path.mkdir(parents=True, exist_ok=True)
+        env = cls._raw_env(path, False, map_size)
+        with env.begin(write=True) as txn:
+            raw = txn.get(_META)
+            if raw is None:
+                params = kdf or KdfParams.new()
+                cipher = derive_cipher(secret, params, fingerprint)
+                meta = {
+                    "format": FORMAT_TAG.decode(),
+                    "aead": "AES-256-GCM",
+                    "hkdf": "SHA-256",
+                    "kdf": params.to_dict(),
+                    "check": cipher.check_value(),
+                    "fingerprint": fingerprint,
+                }
+                txn.put(_META, json.dumps(meta, sort_keys=True).encode())
+                return cls(directory, cipher, map_size=map_size)
+        return cls.open(directory, secret, fingerprint=fingerprint, readonly=False, map_size=map_size)
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike[str],
+        key_password: str | bytes | Secret | None = None,
+        *,
+        key_password_file: str | os.PathLike[str] | None = None,
+        fingerprint: str | None = None,
+        readonly: bool = True,
+        map_size: int = 1 << 34,
+    ) -> RecoveryKeyStore:
+        """Opens an existing store and checks the password (before any key is read).
+
+        Raises:
+            SecretError: no password, or the wrong one.
+            CacheError: there is no store in ``directory``.
+            ConfigError: ``fingerprint`` is given and differs from the store's.
+        """
+        secret = Secret.from_sources(key_password, key_password_file)
+        meta = cls.read_meta(directory)
+        if fingerprint is not None and meta["fingerprint"] != fingerprint:
+            raise ConfigError(f"the recovery keys at {Path(directory) / RECOVERY_DB} belong to another pipeline (fingerprint differs)")
+        cipher = derive_cipher(secret, KdfParams.from_dict(meta["kdf"]), meta["fingerprint"])
+        import hmac
+
+        if not hmac.compare_digest(cipher.check_value(), meta["check"]):
+            raise SecretError(f"wrong key password for the recovery keys at {Path(directory) / RECOVERY_DB}; give the password used at precompute")
+        return cls(directory, cipher, readonly=readonly, map_size=map_size)
+
+    @classmethod
+    def read_meta(cls, directory: str | os.PathLike[str]) -> dict[str, Any]:
+        """The store's metadata (salt, cost, check value, fingerprint; no secret)."""
+        path = Path(directory) / RECOVERY_DB
+        env = cls._raw_env(path, True, 1 << 20)
+        with env.begin() as txn:
+            raw = txn.get(_META)
+        if raw is None:
+            raise CacheError(f"{path} has no metadata; it is not a recovery-key store")
+        meta = json.loads(raw)
+        if meta.get("format") != FORMAT_TAG.decode():
+            raise CacheError(f"{path} has key-store format {meta.get('format')!r}; this anonloader reads {FORMAT_TAG.decode()!r}")
+        return meta
+
+    @property
+    def env(self) -> Any:
+        """This process's LMDB environment (opened on first use, shared per path)."""
+        return self._raw_env(self.path, self.readonly, self.map_size)
+
+    def close(self) -> None:
+        """Closes this process's environment of the path (any store of it reopens on use)."""
+        found = _ENVS.pop((str(self.path.resolve()), os.getpid()), None)
+        if found is not None:
+            found[0].close()
+
+    def __repr__(self) -> str:
+        return f"RecoveryKeyStore({str(self.path)!r}, readonly={self.readonly})"
+
+    # ------------------------------------------------------------------ keys
+    @staticmethod
+    def _key(entry_key: str, face: int) -> bytes:
+        if "/" in entry_key:
+            raise ConfigError(f"cache entry keys may not contain '/': {entry_key!r}")
+        return f"k/{entry_key}/{int(face):08d}".encode()
+
+    def put(self, entry_key: str, face: int, key: RecoveryKey | bytes) -> None:
+        """Encrypts and stores one face's key (replacing an older one)."""
+        if self.readonly:
+            raise CacheError(f"{self.path} is open read-only; open it with RecoveryKeyStore.create to write keys")
+        data = key.to_bytes() if isinstance(key, RecoveryKey) else bytes(key)
+        blob = self.cipher.encrypt(entry_key, face, data)
+        with self.env.begin(write=True) as txn:
+            txn.put(self._key(entry_key, face), blob)
+
+    def get_bytes(self, entry_key: str, face: int) -> bytes:
+        """The decrypted key bytes of one face (:class:`SecretError` when authentication fails)."""
+        with self.env.begin() as txn:
+            blob = txn.get(self._key(entry_key, face))
+        if blob is None:
+            raise CacheError(f"no recovery key for cache entry {entry_key}, face {face}; list them with faces(entry_key)")
+        return self.cipher.decrypt(entry_key, face, bytes(blob))
+
+    def get(self, entry_key: str, face: int) -> RecoveryKey:
+        return RecoveryKey.from_bytes(self.get_bytes(entry_key, face))
+
+    def faces(self, entry_key: str) -> list[int]:
+        """The face indices with a key under ``entry_key``, ascending."""
+        prefix = f"k/{entry_key}/".encode()
+        out = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(values=False):
+                    if not bytes(key).startswith(prefix):
+                        break
+                    out.append(int(bytes(key)[len(prefix) :]))
+        return out
+
+    def entries(self) -> list[tuple[str, int]]:
+        """Every ``(entry key, face)`` with a stored key."""
+        out = []
+        with self.env.begin() as txn:
+            for key in txn.cursor().iternext(values=False):
+                parts = bytes(key).decode().split("/")
+                if len(parts) == 3 and parts[0] == "k":
+                    out.append((parts[1], int(parts[2])))
+        return out

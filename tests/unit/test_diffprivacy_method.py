@@ -1,0 +1,113 @@
+"""DiffPrivacy as a Method: protocol, determinism, modes, loading from directories, keys and
+recovery through DDIM inversion."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from anonloader.align import template_points  # noqa: E402
+from anonloader.errors import ConfigError, ModelLoadError  # noqa: E402
+from anonloader.fingerprint import fingerprint_of  # noqa: E402
+from anonloader.methods import Method, get_method  # noqa: E402
+from anonloader.methods.diffprivacy import DiffPrivacy, RecoveryKey  # noqa: E402
+from anonloader.methods.diffprivacy.sampler import invert, reconstruct  # noqa: E402
+from anonloader.types import FaceConditions  # noqa: E402
+
+FAST = dict(num_inference_steps=10, group_size=2, inversion_iters=2)
+
+
+def _conditions(seeds: list[int]) -> FaceConditions:
+    n = len(seeds)
+    return FaceConditions(seeds=seeds, identity_keys=[None] * n, synthetic_ids=[None] * n, landmarks=template_points(32, "ffhq")[None].repeat(n, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def crops() -> torch.Tensor:
+    torch.manual_seed(21)
+    base = torch.rand(2, 3, 8, 8)
+    return torch.nn.functional.interpolate(base, size=(32, 32), mode="bilinear", align_corners=False)
+
+
+@pytest.fixture(scope="module")
+def method() -> DiffPrivacy:
+    return DiffPrivacy(tiny=True, **FAST)
+
+
+def test_protocol_registry_and_config(method):
+    assert isinstance(method, Method) and method.name == "diffprivacy" and method.template == "ffhq" and method.crop_size == 32
+    assert isinstance(get_method("diffprivacy", tiny=True, **FAST), DiffPrivacy)
+    config = method.config()
+    fingerprint_of(config)  # JSON-able, stable
+    assert config["sampling"]["num_inference_steps"] == 10 and config["recoverable"] is True
+    assert fingerprint_of(DiffPrivacy(tiny=True, recoverable=False, **FAST).config()) != fingerprint_of(config)
+    assert DiffPrivacy(tiny=True, mode="hide", **FAST).settings.to_dict() != config["sampling"]
+    clone = pickle.loads(pickle.dumps(method))
+    assert clone._backbone is None and clone.config() == config
+
+
+def test_same_seed_same_bytes_other_seed_other_face(method, crops):
+    out = method(crops, _conditions([1, 2]))
+    assert out.shape == crops.shape and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+    assert torch.equal(method(crops, _conditions([1, 2])), out)
+    assert not torch.equal(method(crops, _conditions([3, 2]))[0], out[0])
+    assert (out - crops).abs().mean() > 1e-3
+
+
+def test_hide_mode_and_select_first(crops):
+    hide = DiffPrivacy(tiny=True, mode="hide", num_inference_steps=10)
+    assert hide.settings.group_size == 1 and hide.settings.strength == 0.8 and hide.settings.tau == 0.6
+    assert hide(crops[:1], _conditions([4])).shape == (1, 3, 32, 32)
+    first = DiffPrivacy(tiny=True, select="first", **FAST)
+    assert first(crops[:1], _conditions([4])).shape == (1, 3, 32, 32)
+
+
+def test_real_weights_need_a_recognizer_and_an_msi(tmp_path):
+    with pytest.raises(ConfigError, match="recognizer"):
+        DiffPrivacy(tmp_path, base_model=tmp_path)
+    with pytest.raises(ModelLoadError, match="train msi|no config.json"):
+        DiffPrivacy(tmp_path, base_model=tmp_path, guidance_scale=0.0, select="first")._load_msi()
+    with pytest.raises(ConfigError, match="recoverable=False"):
+        DiffPrivacy(tiny=True, recoverable=False).anonymize_with_keys(torch.zeros(1, 3, 32, 32), _conditions([1]))
+
+
+def test_loads_from_directories_and_matches_in_memory(method, crops, tmp_path):
+    _, _, recognizer = method.load()
+    method.save_pretrained(tmp_path / "dp", with_backbone=True)
+    torch.save(recognizer.state_dict(), tmp_path / "rec.pth")
+    spec = {"kind": "iresnet", "weights": str(tmp_path / "rec.pth"), **{k: v for k, v in recognizer.arch.items() if k != "feature_stage"}}
+    loaded = DiffPrivacy(tmp_path / "dp", base_model=tmp_path / "dp", recognizer=spec, recognizer_size=16, crop_size=32, resolution=32, **FAST)
+    assert torch.equal(loaded(crops, _conditions([1, 2])), method(crops, _conditions([1, 2])))
+    assert loaded.config()["weights"]["unet"] != method.config()["weights"]["unet"]  # file digests vs state digests
+
+
+def test_keys_recover_the_encoded_face(method, crops):
+    out, keys = method.anonymize_with_keys(crops[:1], _conditions([5]))
+    assert torch.equal(out, method(crops[:1], _conditions([5])))  # keys do not change the output
+    key = RecoveryKey.from_bytes(keys[0].to_bytes())
+    assert torch.equal(key.z_T, keys[0].z_T) and key.meta == keys[0].meta and key.key_e.shape == (10, 16)
+    recovered = method.recover([key])
+    backbone, _, _ = method.load()
+    with torch.no_grad():
+        reference = backbone.decode(backbone.encode(crops[:1])).clamp(0, 1)
+    psnr = -10 * torch.log10(((recovered - reference) ** 2).mean())
+    anonymized_psnr = -10 * torch.log10(((out - reference) ** 2).mean())
+    print(f"tiny recovery PSNR (N=10, k=2) {psnr:.1f} dB, anonymized {anonymized_psnr:.1f} dB")
+    assert psnr > anonymized_psnr + 3
+
+
+def test_fixed_point_iterations_make_inversion_exact(method, crops):
+    backbone, _, _ = method.load()
+    with torch.no_grad():
+        z0 = backbone.encode(crops[:1])
+        conds = torch.randn(1, 10, 77, 16, generator=torch.Generator().manual_seed(2)) * 0.1
+    errors = {}
+    for k in (0, 3):
+        z_r = reconstruct(backbone, invert(backbone, z0, conds, 20, k).float(), conds, 20)
+        errors[k] = float((z_r - z0).norm() / z0.norm())
+    print(f"tiny inversion relative error, N=20: k=0 {errors[0]:.2e}, k=3 {errors[3]:.2e}")
+    assert errors[3] < errors[0] / 5
