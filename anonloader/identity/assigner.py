@@ -10,8 +10,12 @@ Strategies (see :mod:`anonloader.identity.keys`):
   consecutive calls with the same clip by recognizer similarity (the pipeline does not hand
   boxes to the assigner; :class:`~anonloader.identity.keys.FaceTracker` uses IoU too when called
   directly with boxes);
-- ``"cluster"``: the clusters of :meth:`KeyedIdentityAssigner.fit` (two-pass global clustering
-  over the whole dataset); faces that match no cluster fall back to the online registry;
+- ``"cluster"``: the clusters of :meth:`KeyedIdentityAssigner.fit` (a k-NN graph at the
+  recognizer threshold over the whole dataset, in content-hash order, through the shared
+  nearest-neighbour index; :mod:`anonloader.identity.clustering`); faces that match no cluster
+  fall back to the online registry. For large datasets, embed once with ``anonloader identity
+  embed`` and fit from the store (:meth:`EmbeddingStore.fit
+  <anonloader.identity.store.EmbeddingStore.fit>`), optionally sharded over Ray (``shards=``);
 - ``"online"``: the persisted online registry only.
 
 Every face of one key gets the same assignment within a process (cached by digest); across

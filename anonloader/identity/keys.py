@@ -9,7 +9,7 @@ digest). Strategies:
   right), so they are deterministic for a given clip.
 - :func:`cluster_embeddings`: global clustering of a whole dataset's embeddings at the
   recognizer threshold, independent of input order and of sharding (faces in content-hash
-  order; a mutual k-NN graph at the threshold and its connected components, see
+  order; a k-NN graph at the threshold and its connected components, see
   :mod:`anonloader.identity.clustering`); key = content hash of the cluster's canonical member
   (the smallest hash). The previous leader clustering stays available as ``method="leader"``.
 - :class:`IdentityRegistry`: the online variant for streams: a face joins the nearest known
@@ -161,7 +161,7 @@ class ClusterResult:
     keys: list[str]
     centroids: torch.Tensor
     cluster_keys: list[str]
-    labels: np.ndarray | None = None
+    labels: np.ndarray | None = field(default=None, compare=False)
     _index: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def index(self) -> Any:
@@ -208,7 +208,7 @@ def cluster_embeddings(
         content_hashes: ``N`` content hashes of the faces (:func:`face_content_hash`); they fix
             the processing order and name the clusters.
         threshold: the recognizer's same-person cosine similarity.
-        method: ``"graph"`` (mutual k-NN graph at the threshold + connected components, see
+        method: ``"graph"`` (k-NN graph at the threshold + connected components, see
             :mod:`anonloader.identity.clustering`) or ``"leader"`` (the previous two-pass leader
             clustering, O(N x clusters); for comparison and small data).
         k: graph: neighbours per face. shards: graph: Ray Data blocks for the k-NN search

@@ -196,3 +196,11 @@ def test_mapper_nearest_bank_search_equals_the_full_ranking():
     sims, ids = bank.nearest(embeddings[[4, 9]])
     assert ids.tolist() == [4, 9] and torch.allclose(sims, torch.ones(2), atol=1e-5)
     assert "_indexes" in mapper.__dict__ and pickle.loads(pickle.dumps(mapper))._indexes == {}
+
+
+def test_a_person_with_many_more_faces_than_k_stays_one_cluster():
+    """60 photos of one person, k=16 neighbours each: one cluster (a mutual-only graph would
+    split it into groups that list only each other)."""
+    x, truth, hashes = clustered(60, 1, 128, 0.15, seed=9)
+    result = cluster_embeddings(x, hashes, THRESHOLD, k=16)
+    assert len(result.cluster_keys) == 1 and result.cluster_keys[0] == "cluster:" + min(hashes)
