@@ -206,3 +206,11 @@ def test_texture_attention_triton_matches_reference() -> None:
     assert torch.allclose(outs["triton"], outs["reference"], atol=1e-4)
     for a, b in zip(grads["triton"], grads["reference"]):
         assert torch.allclose(a, b, atol=1e-3)
+
+
+def test_bench_runs_on_the_tiny_preset():
+    from anonloader.methods.diffdeid.bench import run
+
+    result = run("tiny", "cpu", batch=1, repeat=1, side=4, channels=8)
+    assert result["texture_attention"]["queries"] == 16 and result["moments"]["shape"] == [1, 4, 8, 8]
+    assert all(result[k] is not None for k in ("unet_step_ms", "texture_encoder_ms")) and "float32" in result["train_step_ms"]
