@@ -18,6 +18,7 @@ METHODS: dict[str, str] = {
     "fams": "anonloader.methods.fams:FAMS",
     "iddiffuse": "anonloader.methods.iddiffuse:IDDiffuse",
     "diffdeid": "anonloader.methods.diffdeid:DiffDeID",
+    "diffprivacy": "anonloader.methods.diffprivacy:DiffPrivacy",
 }
 
 
