@@ -3,7 +3,7 @@
     python benchmarks/identity_cluster.py                    # N = 10^4, 10^5; 128-d
     python benchmarks/identity_cluster.py --dim 512
     python benchmarks/identity_cluster.py --full             # adds N = 10^6 (minutes)
-    python benchmarks/identity_cluster.py --search-only      # faiss vs torch k-NN search
+    python benchmarks/identity_cluster.py --search-only --sizes 10000   # faiss vs torch k-NN search
 
 Data (stated, seeded): N unit vectors around K = N / 10 random unit identity centres,
 ``centre + 0.3 * g / sqrt(D)`` with ``g`` standard normal, so same-person pairs have cosine
@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--old-max", type=int, default=10_000, help="largest N for the old leader clustering")
     parser.add_argument("--shards", type=int, default=1, help="Ray Data blocks for the k-NN search (1: none)")
     parser.add_argument("--search-only", action="store_true", help="compare faiss and torch exact search (and IVF)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="N values instead of 10^4, 10^5 (and 10^6 with --full)")
     parser.add_argument("--one", nargs=2, metavar=("N", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -99,9 +100,9 @@ def main() -> None:
         result = search_only(n, args.dim) if method == "search" else run_one(n, args.dim, method, args.shards)
         print(json.dumps(result))
         return
-    sizes = [10_000, 100_000] + ([1_000_000] if args.full else [])
+    sizes = args.sizes or [10_000, 100_000] + ([1_000_000] if args.full else [])
     print(f"load average {os.getloadavg()}, {os.cpu_count()} cores; D={args.dim}, K=N/10, noise {NOISE}, threshold {THRESHOLD}", flush=True)
-    jobs = [(n, "search") for n in sizes[:2] if args.search_only] or [
+    jobs = [(n, "search") for n in sizes if args.search_only] or [
         (n, m) for n in sizes for m in ("leader", "graph") if m == "graph" or n <= args.old_max
     ]
     for n, method in jobs:
