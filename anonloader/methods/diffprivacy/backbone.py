@@ -124,7 +124,10 @@ class Backbone:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Backbone:
         for network in self.networks().values():
-            network.to(device=device, dtype=dtype)
+            if device is not None:
+                network.to(device=device)
+            if dtype is not None:
+                network.to(dtype=dtype)
         return self
 
     def token_ids(self, prompt: str) -> torch.Tensor:
