@@ -111,3 +111,20 @@ def test_fixed_point_iterations_make_inversion_exact(method, crops):
         errors[k] = float((z_r - z0).norm() / z0.norm())
     print(f"tiny inversion relative error, N=20: k=0 {errors[0]:.2e}, k=3 {errors[3]:.2e}")
     assert errors[3] < errors[0] / 5
+
+
+def test_embeddings_key_recovers_like_the_words_key(method, crops):
+    as_embeddings = DiffPrivacy(tiny=True, key_e="embeddings", **FAST)
+    _, words_keys = method.anonymize_with_keys(crops[:1], _conditions([6]))
+    _, embedding_keys = as_embeddings.anonymize_with_keys(crops[:1], _conditions([6]))
+    assert embedding_keys[0].key_e.shape == (10, 77, 16) and embedding_keys[0].kind == "embeddings"
+    assert torch.allclose(as_embeddings.recover(embedding_keys), method.recover(words_keys), atol=1e-5)
+
+
+def test_refine_steps_tune_the_words_deterministically(crops):
+    # tau=0: every stage's C conditions some step, so tuning any stage shows in the output
+    refined = DiffPrivacy(tiny=True, refine_steps=4, refine_lr=1e-2, tau=0.0, **FAST)
+    out = refined(crops[:1], _conditions([8]))
+    assert torch.equal(refined(crops[:1], _conditions([8])), out)
+    plain = DiffPrivacy(tiny=True, tau=0.0, **FAST)
+    assert not torch.equal(plain(crops[:1], _conditions([8])), out)
