@@ -64,3 +64,38 @@ def test_diffdeid_anonymizes_t1_through_anonymize(t1_image, astronaut_image):
     torch.manual_seed(0)  # the same random network again, through the one-line entry point
     again = anonloader.anonymize([t1_image], method="diffdeid", on_error="raise", revalidate=False, **options)[0]
     assert torch.equal(again, out)  # same bytes
+
+
+def test_diffdeid_with_a_keyed_mapper_over_an_lds_bank(t1_image, astronaut_image):
+    """A bank drawn from the two samplers (embeddings + α' coefficients); the keyed assigner
+    maps each real person to one bank identity, whose embedding and coefficients DiffDeID uses."""
+    from anonloader import Anonymizer
+    from anonloader.identity.assigner import KeyedIdentityAssigner
+    from anonloader.identity.bank import IdentityBank
+
+    parts = _parts(astronaut_image)
+    bank = IdentityBank.from_sampler(parts["id_sampler"], 16, threshold=0.9, steps=10, seed=2, shape_sampler=parts["shape_sampler"])
+    assert bank.coefficients.shape == (16, 80) and bank.meta["recognizer"]["name"] == "dlib"
+    assigner = KeyedIdentityAssigner("online", secret="correct horse battery staple", bank=bank)
+    torch.manual_seed(0)
+    anonymizer = Anonymizer("diffdeid", identity=assigner, on_error="raise", revalidate=False, config="tiny",
+                            num_inference_steps=1, bank=bank, **parts)
+    seen = []
+    inner = anonymizer.method.generate
+
+    def spy(crops, masks, rendered, rho, identity, seeds):
+        seen.append((rho.clone(), identity.clone()))
+        return inner(crops, masks, rendered, rho, identity, seeds)
+
+    anonymizer.method.generate = spy
+    result = anonymizer([t1_image])
+    records = result.records[0]
+    assert len(records) == 6 and all(r.status == "anonymized" for r in records)
+    ids = [r.synthetic_id for r in records]
+    assert None not in ids and len(set(ids)) == 6
+    rho = torch.cat([s[0] for s in seen])
+    identity = torch.cat([s[1] for s in seen])
+    assert len(identity) == 6
+    for sid in ids:  # every face's z'_id and α' is one of the bank rows of the assigned identities
+        matches = [i for i in range(6) if torch.equal(identity[i], bank.embeddings[sid])]
+        assert len(matches) == 1 and torch.equal(rho[matches[0], :80], bank.coefficients[sid])
