@@ -1,42 +1,60 @@
-"""Cache-hit read throughput, measured side by side in one run.
+"""Cache-hit read throughput and disk size, measured side by side in one run.
 
-Loaders, every one through a ``torch.utils.data.DataLoader`` with 2 workers, batch 32, the
-same N real-photo images (256x256) yielding ``3,H,W uint8`` tensors:
+Loaders, every one through ``torch.utils.data.DataLoader(num_workers=2, batch_size=32,
+persistent_workers=True)``, each measured alone, over the same N real-photo images (crops of
+scikit-image's astronaut, 256x256, the face annotated) yielding ``3,H,W uint8`` tensors:
 
-- plain: decode the original JPEG files from a folder (``torchvision.io.decode_jpeg``);
-- cache png / cache raw: ``AnonCache(path).as_dataset()`` of the anonymized images;
-- litdata: ``litdata.optimize()`` + ``StreamingDataset`` copy of the same anonymized images
-  (stored as uint8 tensors, litdata's fastest serializer).
+- plain: decode the original JPEG files (quality 90) from a folder (``torchvision.io``);
+- litdata: ``litdata.optimize()`` + ``StreamingDataset`` of the same anonymized images
+  (uint8 tensors: litdata's fastest serializer, raw bytes, no compression);
+- cache <codec>: ``AnonCache(path).as_dataset()`` of a ``precompute`` with that codec
+  (``lz4`` is the default; also keyed with a secret = HMAC-SHA256 on every read, and with
+  LMDB ``readahead=True``);
+- wrap read-only: ``anonymize(jpeg_folder, cache=..., cache_mode="read-only")`` — the one-line
+  wrap kept in training: decode the original, hash it, read the cache.
 
-    python benchmarks/cache_read.py --images 512 --epochs 3
+Each loader runs 1 warm-up epoch and 6 timed epochs; the best epoch counts. Sequential and
+shuffled order. ``--runs 2`` repeats the whole table. Also printed: precompute images/s per
+codec (``method="blur"``, annotated faces, ``revalidate=False`` so the codec's share shows),
+and MB on disk of every loader's files.
 
-Prints images/s per loader and the ratios cache/plain and cache/litdata.
+    python benchmarks/cache_read.py --images 512 --epochs 6 --runs 2
+    python benchmarks/cache_read.py --codecs       # encode / decode / size of each codec on real photos
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _photos import AstronautCrops, face_annotations, write_jpegs  # noqa: E402
 
+import anonloader  # noqa: E402
+from anonloader.cache.codecs import DEFAULT_CODEC, get_codec  # noqa: E402
 from anonloader.cache.precompute import precompute  # noqa: E402
 from anonloader.cache.store import AnonCache  # noqa: E402
 
+CODECS = ("lz4", "zstd", "raw", "qoi", "png", "webp")
+SECRET = "benchmark secret, 32 bytes long!"
+
 
 class JpegFolder(Dataset):
-    """The plain loader: read each JPEG and decode it to ``3,H,W uint8``."""
+    """The plain loader: read each JPEG and decode it to ``3,H,W uint8`` (with label and face box)."""
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], boxes: list[torch.Tensor] | None = None) -> None:
         self.paths = [str(p) for p in paths]
+        self.boxes = boxes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -44,11 +62,14 @@ class JpegFolder(Dataset):
     def __getitem__(self, index: int) -> dict:
         from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-        return {"image": decode_jpeg(read_file(self.paths[index]), mode=ImageReadMode.RGB), "label": index % 7}
+        sample = {"image": decode_jpeg(read_file(self.paths[index]), mode=ImageReadMode.RGB), "label": index % 7}
+        if self.boxes is not None:
+            sample["box"] = self.boxes[index]
+        return sample
 
 
 class _LitItem:
-    """``litdata.optimize`` function: sample index -> the anonymized sample from the cache."""
+    """``litdata.optimize`` function: sample index -> the anonymized sample from a cache."""
 
     def __init__(self, cache_path: str) -> None:
         self.cache_path = cache_path
@@ -61,57 +82,144 @@ class _LitItem:
         return {"image": sample["image"], "label": sample["label"]}
 
 
-def _lit_collate(batch: list[dict]) -> dict:
+def _collate(batch: list[dict]) -> dict:
     return {"image": torch.stack([b["image"] for b in batch]), "label": torch.tensor([b["label"] for b in batch])}
 
 
-def measure(dataset: Dataset, epochs: int, batch_size: int = 32, collate=None) -> float:
-    """Images per second over ``epochs`` passes (after one warm-up pass that fills the page cache)."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=2, persistent_workers=True, collate_fn=collate)
-    for _ in loader:  # warm-up: worker start, page cache
+def measure(dataset: Dataset, epochs: int, shuffle: bool, batch_size: int = 32) -> float:
+    """Best images/s over ``epochs`` timed passes, after one warm-up pass (worker start, page cache)."""
+    iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=2, persistent_workers=True, collate_fn=_collate,
+        shuffle=shuffle and not iterable,
+    )
+    for _ in loader:
         pass
-    count = 0
-    start = time.perf_counter()
+    best = 0.0
     for _ in range(epochs):
+        count = 0
+        start = time.perf_counter()
         for batch in loader:
             count += batch["image"].shape[0]
-    return count / (time.perf_counter() - start)
+        best = max(best, count / (time.perf_counter() - start))
+    del loader
+    return best
+
+
+def disk_mb(path: Path) -> float:
+    """MB the files under ``path`` occupy on disk (allocated blocks: LMDB's sparse map counts as used)."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_blocks * 512 for p in files) / 1e6
+
+
+def codec_table(sizes: tuple[int, ...] = (256, 512)) -> None:
+    """Encode / decode time and size of every codec on crops of five real photos, one thread."""
+    import importlib.util
+
+    import skimage.data as data
+    from PIL import Image
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    spec = importlib.util.find_spec("insightface")
+    if spec is not None and spec.origin is not None:
+        photos.append(np.array(Image.open(Path(spec.origin).parent / "data/images/t1.jpg").convert("RGB")))
+    names = [*CODECS, "jpeg:90"]
+    for size in sizes:
+        crops = []
+        for photo in photos:
+            side = min(photo.shape[:2])
+            for k in range(4):
+                x0 = (photo.shape[1] - side) * k // 4
+                crop = Image.fromarray(photo[:side, x0 : x0 + side]).resize((size, size), Image.BILINEAR)
+                crops.append(torch.from_numpy(np.array(crop)).permute(2, 0, 1).contiguous())
+        print(f"\n{len(crops)} crops of {len(photos)} real photos at {size}x{size}, one thread, per image")
+        print(f"{'codec':8s} {'encode ms':>10s} {'decode ms':>10s} {'KiB':>8s} {'vs raw':>7s} {'exact':>6s}")
+        for name in names:
+            codec = get_codec(name)
+            start = time.perf_counter()
+            encoded = [codec.encode(c) for c in crops]
+            encode = (time.perf_counter() - start) / len(crops)
+            decode = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                decoded = [codec.decode(memoryview(e)) for e in encoded]
+                decode = min(decode, (time.perf_counter() - start) / len(crops))
+            exact = all(torch.equal(d, c) for d, c in zip(decoded, crops))
+            size_kib = sum(map(len, encoded)) / len(crops) / 1024
+            raw_kib = crops[0].numel() / 1024
+            print(f"{name:8s} {encode * 1e3:10.2f} {decode * 1e3:10.3f} {size_kib:8.1f} {raw_kib / size_kib:7.2f} {exact!s:>6s}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--codecs", action="store_true", help="only the codec table (encode / decode / size)")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
+    logging.getLogger("anonloader").setLevel(logging.ERROR)  # the unsalted-cache warning, once per cache
     torch.set_num_threads(1)
+    if args.codecs:
+        codec_table()
+        return
     root = Path(args.workdir or tempfile.mkdtemp(prefix="anonloader-bench-"))
     try:
         source = AstronautCrops(args.images, size=256)
         paths = write_jpegs(source, root / "jpeg")
-        caches = {}
-        for codec in ("png", "raw"):
+        boxes = [source[i]["box"] for i in range(len(source))]
+        options = dict(method="blur", annotations=face_annotations, workers=2, batch_size=32, progress=False, revalidate=False)
+        caches: dict[str, Path] = {}
+        rates: dict[str, float] = {}
+        for codec in CODECS:
             caches[codec] = root / f"cache-{codec}"
-            report = precompute(source, caches[codec], method="blur", annotations=face_annotations, codec=codec,
-                                workers=2, batch_size=16, progress=False)
-            print(f"precomputed {report.computed} images into {codec} cache in {report.seconds:.1f}s", flush=True)
+            report = precompute(source, caches[codec], codec=codec, **options)
+            rates[codec] = report.images_per_second
+        caches["keyed"] = root / "cache-keyed"
+        rates["keyed"] = precompute(source, caches["keyed"], codec=DEFAULT_CODEC, secret=SECRET, **options).images_per_second
+        caches["wrap"] = root / "cache-wrap"
+        precompute(JpegFolder(paths, boxes), caches["wrap"], codec=DEFAULT_CODEC, **options)
         import litdata
 
         litdata.optimize(fn=_LitItem(str(caches["raw"])), inputs=list(range(args.images)), output_dir=str(root / "litdata"),
                          chunk_bytes="64MB", num_workers=1, verbose=False)
-        results = {
-            "plain JPEG folder": measure(JpegFolder(paths), args.epochs),
-            "cache png (as_dataset)": measure(AnonCache(caches["png"]).as_dataset(), args.epochs),
-            "cache raw (as_dataset)": measure(AnonCache(caches["raw"]).as_dataset(), args.epochs),
-            "litdata StreamingDataset": measure(
-                litdata.StreamingDataset(str(root / "litdata")), args.epochs, collate=_lit_collate
-            ),
+        print(f"precompute images/s (blur, 2 workers, revalidate off): "
+              + ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items()))
+        loaders = {
+            "plain JPEG folder (q90)": (lambda: JpegFolder(paths), root / "jpeg"),
+            "litdata StreamingDataset": (lambda: litdata.StreamingDataset(str(root / "litdata")), root / "litdata"),
+            f"cache {DEFAULT_CODEC} (default)": (lambda: AnonCache(caches[DEFAULT_CODEC]).as_dataset(), caches[DEFAULT_CODEC]),
+            f"cache {DEFAULT_CODEC} keyed (HMAC)": (lambda: AnonCache(caches["keyed"], secret=SECRET).as_dataset(), caches["keyed"]),
+            f"cache {DEFAULT_CODEC} readahead": (lambda: AnonCache(caches[DEFAULT_CODEC], readahead=True).as_dataset(), caches[DEFAULT_CODEC]),
         }
-        plain, lit = results["plain JPEG folder"], results["litdata StreamingDataset"]
-        print(f"\n{args.images} images 256x256, DataLoader num_workers=2 batch 32, {args.epochs} epochs, {torch.__version__}")
-        print(f"{'loader':28s} {'images/s':>10s} {'vs plain':>9s} {'vs litdata':>10s}")
-        for name, rate in results.items():
-            print(f"{name:28s} {rate:10.1f} {rate / plain:9.2f} {rate / lit:10.2f}")
+        for codec in CODECS:
+            if codec != DEFAULT_CODEC:
+                loaders[f"cache {codec}"] = (lambda c=codec: AnonCache(caches[c]).as_dataset(), caches[codec])
+        loaders["wrap read-only (anonymize)"] = (
+            lambda: anonloader.anonymize(JpegFolder(paths, boxes), "blur", annotations=face_annotations, cache=caches["wrap"],
+                                         cache_mode="read-only", revalidate=False),
+            caches["wrap"],
+        )
+        for run in range(1, args.runs + 1):
+            results = {}
+            for name, (make, _) in loaders.items():
+                results[name] = {}
+                for order in ("sequential", "shuffled"):
+                    shuffled = order == "shuffled"
+                    dataset = make() if "litdata" not in name else litdata.StreamingDataset(str(root / "litdata"), shuffle=shuffled)
+                    results[name][order] = measure(dataset, args.epochs, shuffled)
+            plain = results["plain JPEG folder (q90)"]
+            lit = results["litdata StreamingDataset"]
+            print(f"\nrun {run}: {args.images} images 256x256, DataLoader num_workers=2 batch_size=32, best of {args.epochs} "
+                  f"epochs, torch {torch.__version__}, {os.cpu_count()} CPUs")
+            print(f"{'loader':30s} {'MB':>7s} | {'seq img/s':>9s} {'x plain':>7s} {'x lit':>6s} | "
+                  f"{'shuf img/s':>10s} {'x plain':>7s} {'x lit':>6s}")
+            for name, by_order in results.items():
+                row = f"{name:30s} {disk_mb(loaders[name][1]):7.1f} |"
+                for order in ("sequential", "shuffled"):
+                    rate = by_order[order]
+                    row += f" {rate:9.0f} {rate / plain[order]:7.2f} {rate / lit[order]:6.2f} |"
+                print(row.rstrip(" |"))
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -7,20 +7,22 @@ exactly. ``decode`` takes ``bytes`` or any buffer (an LMDB ``memoryview``), so t
 bytes are read in place and the decoded pixels are the only copy.
 
 Measured on 20 crops of five real photos (scikit-image's astronaut, coffee, chelsea, rocket
-and insightface's ``t1.jpg``), one thread, per image (``benchmarks/cache_read.py --codecs``)::
+and insightface's ``t1.jpg``), one thread, per image, on the project's shared 2-core machine
+(``python benchmarks/cache_read.py --codecs``)::
 
-    256 px       encode   decode   size    | 512 px   encode   decode   size
-    raw          0.03 ms  0.00 ms  192 KiB |          0.7 ms   0.00 ms  768 KiB
-    lz4          1.7 ms   0.40 ms  173 KiB |          5.2 ms   1.6 ms   655 KiB
-    zstd (1)     1.7 ms   0.64 ms  160 KiB |          8.1 ms   2.6 ms   590 KiB
-    qoi          2.9 ms   1.7 ms   118 KiB |          10.8 ms  4.5 ms   425 KiB
-    png (1)      20.9 ms  7.9 ms   108 KiB |          37.3 ms  14.3 ms  381 KiB
-    webp (m0)    16.1 ms  5.0 ms    85 KiB |          19.0 ms  8.2 ms   296 KiB
-    jpeg q90*    2.0 ms   1.6 ms    18 KiB |          4.0 ms   2.6 ms    56 KiB   (*lossy)
+    256 px      encode   decode    size     | 512 px  encode   decode    size
+    lz4         0.54 ms  0.068 ms  173 KiB  |         3.8 ms   0.53 ms   655 KiB
+    zstd (1)    0.99 ms  0.316 ms  160 KiB  |         5.5 ms   1.79 ms   590 KiB
+    raw         0.07 ms  0.031 ms  192 KiB  |         0.4 ms   0.37 ms   768 KiB
+    qoi         0.98 ms  0.698 ms  118 KiB  |         9.3 ms   3.05 ms   425 KiB
+    png (1)     10.5 ms  3.58 ms   108 KiB  |         43 ms    16.5 ms   381 KiB
+    webp (m0)   8.4 ms   2.60 ms    85 KiB  |         26 ms    10.5 ms   296 KiB
+    jpeg q90*   1.3 ms   1.50 ms    24 KiB  |         5.3 ms   2.03 ms    72 KiB   (*lossy)
 
-The default, ``zstd`` (level 1 over planar ``C,H,W`` bytes), decodes ~12x faster than PNG
-and encodes ~12x faster, at 1.5x PNG's size; the smaller lossless codecs (PNG, WebP, QOI)
-cost 3-12x its decode time. No lossless codec comes near JPEG's size on photos.
+The default, ``lz4`` (LZ4 block over planar ``C,H,W`` bytes), decodes 4.6x faster than zstd,
+10x faster than QOI and 50x faster than PNG at 256 px, encodes 20x faster than PNG, and is
+0.90x raw's size; zstd saves another 8% at 4.6x its decode time, PNG / WebP / QOI another
+30-50% at 10-50x. No lossless codec comes near JPEG's size on photos (7-8x).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ __all__ = [
 ]
 
 #: the codec ``precompute`` and ``anonymize(cache=...)`` use unless told otherwise.
-DEFAULT_CODEC = "zstd"
+DEFAULT_CODEC = "lz4"
 
 Buffer = Any  # bytes, bytearray or memoryview
 
@@ -244,7 +246,7 @@ class RawCodec:
 
 @dataclass(frozen=True)
 class ZstdCodec:
-    """Planar ``C,H,W uint8`` compressed with Zstandard at ``level`` (default, lossless)."""
+    """Planar ``C,H,W uint8`` compressed with Zstandard at ``level``: 8% smaller than lz4, 4.6x its decode time."""
 
     level: int = 1
     name: str = "zstd"
@@ -286,7 +288,7 @@ def _zstd_decompressor() -> Any:
 
 @dataclass(frozen=True)
 class Lz4Codec:
-    """Planar ``C,H,W uint8`` compressed with LZ4 (block format): fastest compressed decode."""
+    """Planar ``C,H,W uint8`` compressed with LZ4 (block format): the default, the fastest compressed decode."""
 
     name: str = "lz4"
     lossless: bool = True
@@ -315,8 +317,8 @@ class Lz4Codec:
 
 
 CODECS = {
-    "zstd": ZstdCodec,
     "lz4": Lz4Codec,
+    "zstd": ZstdCodec,
     "raw": RawCodec,
     "qoi": QoiCodec,
     "png": PngCodec,
@@ -328,7 +330,7 @@ CODECS = {
 def get_codec(codec: str | Codec | None = None, **options: Any) -> Codec:
     """A codec by name with its options, or the codec itself; ``None`` is :data:`DEFAULT_CODEC`.
 
-    Names: ``"zstd"`` (default), ``"lz4"``, ``"raw"``, ``"qoi"``, ``"png"``, ``"webp"``,
+    Names: ``"lz4"`` (default), ``"zstd"``, ``"raw"``, ``"qoi"``, ``"png"``, ``"webp"``,
     ``"jpeg"``. A suffix sets the one numeric option: ``"jpeg:90"`` (quality), ``"zstd:3"``
     (level), ``"png:6"`` (compress level), ``"webp:4"`` (method).
     """

@@ -234,7 +234,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     pre.add_argument("--bank", default=None, help="synthetic identity bank folder (IdentityBank.save)")
     pre.add_argument("--image-key", default=None, help="dict key or tuple position of the image")
-    pre.add_argument("--codec", default=None, help="zstd (default, lossless) | lz4 | raw | qoi | png | webp | jpeg[:quality]")
+    pre.add_argument("--codec", default=None, help="lz4 (default, lossless) | zstd | raw | qoi | png | webp | jpeg[:quality]")
     pre.add_argument("--workers", type=int, default=1, help="processes (local, torchrun per rank) or actors (ray)")
     pre.add_argument("--engine", choices=("local", "ray", "torchrun"), default="local")
     pre.add_argument("--batch-size", type=int, default=8, help="samples per commit / per Ray batch")

@@ -249,6 +249,8 @@ def _encode(value: Any, where: str) -> Any:
     if isinstance(value, list):
         return [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
+        if type(value) is dict and all(type(k) is str for k in value):  # the common case: a plain msgpack map
+            return {k: _encode(v, f"{where}[{k!r}]") for k, v in value.items()}
         pairs = [[_encode(k, f"{where} key {k!r}"), _encode(v, f"{where}[{k!r}]")] for k, v in value.items()]
         return msgpack.ExtType(_EXT_DICT, msgpack.packb(pairs, use_bin_type=True))
     raise InputError(
@@ -290,11 +292,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
         shape = [int(s) for s in shape]
         if dtype == "bfloat16":
             return torch.from_numpy(np.frombuffer(raw, dtype="<i2").copy()).view(torch.bfloat16).reshape(shape)
-        torch_dtype = getattr(torch, str(dtype), None)
-        if not isinstance(torch_dtype, torch.dtype):
-            raise ValueError(f"unknown stored tensor dtype {dtype!r}")
-        np_dtype = torch.empty(0, dtype=torch_dtype).numpy().dtype.newbyteorder("<")
-        return torch.from_numpy(np.frombuffer(raw, dtype=np_dtype).astype(np_dtype.newbyteorder("="), copy=True)).reshape(shape)
+        return torch.from_numpy(np.frombuffer(raw, dtype=_tensor_numpy_dtype(str(dtype))).astype(_native(dtype), copy=True)).reshape(shape)
     if code == _EXT_SLOT:
         from anonloader.data.adapters import ImageSlot
 
@@ -303,6 +301,24 @@ def _ext_hook(code: int, data: bytes) -> Any:
         name, fields, items = _unpack(data)
         return _namedtuple_type(name, fields)(*items)
     raise ValueError(f"unknown typed-record extension {code}")
+
+
+_TENSOR_DTYPES: dict[str, np.dtype] = {}
+
+
+def _tensor_numpy_dtype(name: str) -> np.dtype:
+    """The little-endian numpy dtype of a stored tensor dtype name (``"float32"``, ...)."""
+    found = _TENSOR_DTYPES.get(name)
+    if found is None:
+        torch_dtype = getattr(torch, name, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise ValueError(f"unknown stored tensor dtype {name!r}")
+        found = _TENSOR_DTYPES[name] = torch.empty(0, dtype=torch_dtype).numpy().dtype.newbyteorder("<")
+    return found
+
+
+def _native(name: str) -> np.dtype:
+    return _tensor_numpy_dtype(name).newbyteorder("=")
 
 
 def _hashable(key: Any) -> Any:
@@ -353,21 +369,20 @@ def _join_header(header: Any, payload: bytes = b"") -> bytes:
 
 
 def _records_to_rows(records: Sequence[FaceRecord]) -> list[Any]:
-    return [[list(r.box), [list(p) for p in r.landmarks], r.score, r.status, r.synthetic_id, r.error] for r in records]
+    """Face records as plain maps (``FaceRecord.to_dict``: every field, numbers and strings)."""
+    return [r.to_dict() for r in records]
 
 
 def _records_from_rows(rows: Any) -> list[FaceRecord]:
-    return [
-        FaceRecord(
-            box=tuple(float(v) for v in box),
-            landmarks=tuple(tuple(float(v) for v in p) for p in landmarks),
-            score=float(score),
-            status=status,
-            synthetic_id=synthetic_id,
-            error=error,
-        )
-        for box, landmarks, score, status, synthetic_id, error in rows
-    ]
+    known = {f.name for f in dataclasses.fields(FaceRecord)}
+    records = []
+    for row in rows:
+        fields = {k: v for k, v in dict(row).items() if k in known}
+        fields["box"] = tuple(float(v) for v in fields["box"])
+        fields["landmarks"] = tuple(tuple(float(v) for v in p) for p in fields["landmarks"])
+        fields["score"] = float(fields["score"])
+        records.append(FaceRecord(**fields))
+    return records
 
 
 def _decoder(codec: str) -> Any:
@@ -502,7 +517,7 @@ class EntryRecord:
         """The :class:`FaceRecord` of every face found in the source image (parsed on demand)."""
         try:
             return _records_from_rows(self.face_rows)
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, KeyError) as error:
             raise CacheCorruptError(f"malformed face records ({error}); run anonloader cache verify") from error
 
 

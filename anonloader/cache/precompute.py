@@ -484,8 +484,8 @@ def precompute(
         secret: salts the keys and authenticates every stored value (HMAC-SHA256 under a
             derived key); only derived subkeys reach workers, nothing of it is stored. Without
             one the cache is unsalted (a warning says what that allows).
-        codec: ``"zstd"`` (default, lossless, fastest to read among compressed codecs),
-            ``"lz4"``, ``"raw"``, ``"qoi"``, ``"png"``, ``"webp"`` or ``"jpeg[:quality]"``.
+        codec: ``"lz4"`` (default, lossless, the fastest to read of the compressed codecs),
+            ``"zstd"``, ``"raw"``, ``"qoi"``, ``"png"``, ``"webp"`` or ``"jpeg[:quality]"``.
         workers: processes on this machine (``"local"``), or actors (``"ray"``).
         engine: ``"local"``, ``"ray"`` or ``"torchrun"``.
         batch_size: samples per commit (and per Ray batch).

@@ -220,7 +220,7 @@ class AnonCache:
         salt_check: the expected salt check, when only that is known (``keys.salt_check``
             otherwise).
         codec: how new images are encoded (see :func:`~anonloader.cache.codecs.get_codec`;
-            default ``"zstd"``, lossless); stored entries keep their own codec.
+            default ``"lz4"``, lossless); stored entries keep their own codec.
         method: the method's name, stored in every entry's metadata.
         map_size: initial LMDB map size in bytes; it doubles whenever it fills up.
         readahead: LMDB readahead for readers (default off, see the module doc).

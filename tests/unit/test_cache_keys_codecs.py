@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anonloader.cache.codecs import get_codec
+from anonloader.cache.codecs import DEFAULT_CODEC, get_codec
 from anonloader.cache.keys import KEY_SIZE, cache_key, derive_salt, salt_check
 from anonloader.cache.precompute import shard_range
 from anonloader.errors import CacheCorruptError, ConfigError
@@ -37,13 +37,25 @@ def test_salt_is_derived_never_the_secret():
     assert salt_check(b"") == "none"
 
 
-@pytest.mark.parametrize("name", ["png", "webp", "raw"])
-def test_lossless_codecs_round_trip_a_photo_exactly(astronaut_image, name):
-    image = astronaut_image[:, 100:228, 150:278].contiguous()  # 3,128,128 multiples of 1/255
+@pytest.mark.parametrize("name", ["lz4", "zstd", "raw", "qoi", "png", "webp"])
+def test_lossless_codecs_round_trip_real_photos_exactly(astronaut_image, t1_image, name):
+    gray = t1_image[:, 300:397, 500:631].mul(255).round()
+    gray = (0.299 * gray[0] + 0.587 * gray[1] + 0.114 * gray[2]).round().div(255).expand(3, -1, -1)
+    images = [
+        astronaut_image[:, 100:228, 150:278].contiguous(),  # 3,128,128 multiples of 1/255
+        t1_image[:, 211:308, 333:464].contiguous(),  # odd size 3,97,131
+        gray.contiguous(),  # grayscale origin: three equal channels
+        (t1_image[:, :65, :33] * 255).round().to(torch.uint8),  # uint8 input
+    ]
     codec = get_codec(name)
-    decoded = codec.decode(codec.encode(image))
-    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 128, 128)
-    assert torch.equal(decoded.float() / 255, image)
+    for image in images:
+        encoded = codec.encode(image)
+        decoded = codec.decode(memoryview(encoded))  # decodes from a buffer, as from LMDB
+        expected = image if image.dtype == torch.uint8 else (image * 255).round().to(torch.uint8)
+        assert decoded.dtype == torch.uint8 and decoded.shape == image.shape
+        assert torch.equal(decoded, expected)
+        decoded.add_(1)  # the caller owns the pixels: writable, no view of the stored bytes
+        assert torch.equal(codec.decode(encoded), expected)
 
 
 def test_jpeg_is_close_and_quality_is_parsed(astronaut_image):
@@ -53,6 +65,7 @@ def test_jpeg_is_close_and_quality_is_parsed(astronaut_image):
     decoded = codec.decode(codec.encode(image)).float() / 255
     assert (decoded - image).abs().mean() < 0.02
     assert len(get_codec("jpeg:50").encode(image)) < len(codec.encode(image))
+    assert get_codec("zstd:3").level == 3 and get_codec(None).name == DEFAULT_CODEC == "lz4"
 
 
 def test_codec_errors():
@@ -60,10 +73,16 @@ def test_codec_errors():
         get_codec("gif")
     with pytest.raises(ConfigError, match="quality"):
         get_codec("jpeg:0")
+    with pytest.raises(ConfigError, match="take a number"):
+        get_codec("raw:3")
     with pytest.raises(CacheCorruptError):
         get_codec("png").decode(b"\x89PNG not really")
     with pytest.raises(CacheCorruptError):
         get_codec("raw").decode(b"\x03\x00\x00\x00" * 3 + b"\x00" * 5)
+    for name in ("lz4", "zstd"):
+        good = get_codec(name).encode(torch.zeros(3, 16, 16, dtype=torch.uint8))
+        with pytest.raises(CacheCorruptError):
+            get_codec(name).decode(good[:12] + b"\xff" * (len(good) - 12))
 
 
 @pytest.mark.parametrize(("n", "world"), [(0, 1), (10, 1), (10, 3), (7, 4), (3, 8)])

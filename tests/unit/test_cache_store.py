@@ -25,7 +25,7 @@ def _crops(astronaut_image: torch.Tensor, n: int) -> list[torch.Tensor]:
 
 
 def _record() -> FaceRecord:
-    return FaceRecord(box=(1.5, 2.25, 30.0, 40.0), landmarks=((3.0, 4.0),) * 5, score=0.99, status="anonymized", synthetic_id=7)
+    return FaceRecord(box=(1.5, 2.25, 30.0, 40.0), landmarks=((3.0, 4.0),) * 5, score=0.99, status="anonymized", synthetic_id=7, revalidated=True)
 
 
 def corrupt_value_on_disk(path, value: bytes, at: float = 0.5) -> None:
@@ -196,7 +196,7 @@ def test_shards_open_as_one_cache_and_merge(tmp_path, astronaut_image):
 def test_every_codec_is_recorded_per_entry(tmp_path, astronaut_image):
     image = _crops(astronaut_image, 1)[0]
     cache = AnonCache(tmp_path / "c", writable=True, fingerprint=FP)
-    assert cache.meta["codec"]["name"] == "zstd"  # the default
+    assert cache.meta["codec"]["name"] == "lz4"  # the default
     for name in ("zstd", "lz4", "raw", "qoi", "png", "webp"):
         cache.codec = get_codec(name)
         cache.put(cache_key(name.encode(), FP), image)
