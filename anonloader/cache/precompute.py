@@ -120,6 +120,8 @@ class ImageFolder(Dataset):
                             index=index, source=str(path),
                         )
                     array = np.asarray(opened.convert("RGB"))
+        except InputError:
+            raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise UnsupportedImageError(
                 f"larger than PIL.Image.MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS} pixels): refused as a possible "

@@ -84,8 +84,9 @@ def test_corrupt_entry_read_through_recomputes_read_only_refuses(tmp_path):
 
 
 def test_dataloader_workers_read_the_cache(tmp_path):
-    precompute(make_dataset(8), tmp_path / "c", method="blur", annotations=face_annotations, progress=False)
-    dataset = AnonCache(tmp_path / "c").as_dataset()
+    secret = "worker test secret"  # keyed: every read in every worker checks an HMAC
+    precompute(make_dataset(8), tmp_path / "c", method="blur", annotations=face_annotations, progress=False, secret=secret)
+    dataset = AnonCache(tmp_path / "c", secret=secret).as_dataset()
     direct = [dataset[i] for i in range(8)]
     loader = DataLoader(dataset, batch_size=3, num_workers=2, multiprocessing_context="fork")
     batches = list(loader)
@@ -93,6 +94,6 @@ def test_dataloader_workers_read_the_cache(tmp_path):
     assert torch.equal(images, torch.stack([d["image"] for d in direct]))
     assert torch.cat([b["label"] for b in batches]).tolist() == [i % 3 for i in range(8)]
     # the read-through wrapper in workers too (each worker opens its own writable handle)
-    wrapped = _wrap(make_dataset(8), tmp_path / "c")
+    wrapped = _wrap(make_dataset(8), tmp_path / "c", secret=secret)
     via_wrapper = torch.cat([b["image"] for b in DataLoader(wrapped, batch_size=4, num_workers=2)])
     assert torch.equal(via_wrapper, images)
