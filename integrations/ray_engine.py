@@ -74,6 +74,8 @@ def run_ray(job: Any, cache: Any, report: Any, *, actors: int = 1, batch_size: i
     gpus = ray.cluster_resources().get("GPU", 0)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    # results travel as a native Arrow binary column; never let Ray fall back to pickling them
+    ctx.enable_fallback_to_arrow_object_ext_type = False
     items = ray.data.from_items([{"index": i} for i in pending], override_num_blocks=max(1, min(len(pending) // batch_size, 64)))
     mapped = items.map_batches(
         SampleActor,

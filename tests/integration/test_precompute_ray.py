@@ -35,5 +35,5 @@ def test_ray_local_cluster_equals_one_process(tmp_path, single):
     finally:
         ray.shutdown()
     assert report.computed == 8
-    assert cache_entries(tmp_path / "ray") == cache_entries(single)
-    assert cache_samples(tmp_path / "ray") == cache_samples(single)
+    assert cache_entries(tmp_path / "ray", SECRET) == cache_entries(single, SECRET)
+    assert cache_samples(tmp_path / "ray", SECRET) == cache_samples(single, SECRET)

@@ -50,7 +50,7 @@ def single(tmp_path_factory, bank_path) -> Path:
 
 
 def _synthetic_ids(path) -> dict[int, list]:
-    with AnonCache(path) as cache:
+    with AnonCache(path, secret=SECRET) as cache:
         return {
             index: [r.synthetic_id for key in cache.get_sample(index).keys for r in cache.get(key).records()]
             for index in cache.sample_indices()
@@ -69,16 +69,16 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, single, bank_path):
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000-of-00002", "shard-00001-of-00002"]
-    with AnonCache(out) as cache:
-        assert [s["samples"] for s in cache.manifest["shards"]] == [4, 4]
+    with AnonCache(out, secret=SECRET) as cache:
+        assert [s["samples"] for s in cache.manifest["shards"]] == [4, 4] and cache.manifest["keyed"]
         assert cache.verify().ok
     ids = _synthetic_ids(single)
     assert all(None not in faces and len(faces) == 1 for faces in ids.values())
     assert all(ids[i] == ids[i + 3] for i in range(5))  # labels cycle 0, 1, 2: same person, same identity
     assert len({ids[i][0] for i in range(3)}) == 3  # three people, three synthetic identities
     assert _synthetic_ids(out) == ids
-    assert cache_entries(out) == cache_entries(single)
-    assert cache_samples(out) == cache_samples(single)
-    dataset = AnonCache(out).as_dataset()
-    reference = AnonCache(single).as_dataset()
+    assert cache_entries(out, SECRET) == cache_entries(single, SECRET)
+    assert cache_samples(out, SECRET) == cache_samples(single, SECRET)
+    dataset = AnonCache(out, secret=SECRET).as_dataset()
+    reference = AnonCache(single, secret=SECRET).as_dataset()
     assert all((dataset[i]["image"] == reference[i]["image"]).all() for i in range(8))
