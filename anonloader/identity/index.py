@@ -16,16 +16,19 @@ Kinds:
   on a strided subsample of the vectors *in the order given* with a fixed seed, so callers that
   give a canonical order get the same index in every process.
 
-Library choice (measured in ``benchmarks/identity_cluster.py`` on this 2-core machine): faiss
-(``faiss-cpu``, MIT, maintained by Meta) exact search and torch's blocked matmul + ``topk`` cost
-the same for 128-d (both are one BLAS product per block; 1.75 s vs 1.90 s at N=10^4), faiss is
-2x faster for 512-d, and only faiss offers the IVF index that makes N=10^6 feasible (exact
-search is O(N^2 D): about 1.3 h at N=10^6 here). faiss is optional: without it every search
+Library choice (measured on this 2-core machine while other jobs ran, load average 7-12;
+``benchmarks/identity_cluster.py --search-only``): exact search of every row's 16 nearest at
+N=10^4 took 5.35 s with faiss and 5.46 s with torch's blocked matmul + ``topk`` for 128-d,
+6.40 s vs 7.58 s for 512-d (both are one BLAS product per block); at N=10^5, 128-d (k=32,
+lighter load) 121 s vs 276 s — and exact search grows as N^2, about 3.4 h at N=10^6. Only
+faiss has the IVF index that makes 10^6 feasible: 2.46 s at N=10^4 and 38 s at N=10^5 with
+recall 1.0 of the same-person neighbours; the whole ``fit`` of 10^6 128-d faces took 160 s
+of CPU. faiss (``faiss-cpu``, MIT, maintained by Meta) is optional: without it every search
 is exact through torch, and :class:`~anonloader.errors.ConfigError` says to install
 ``anonloader[scale]`` when an IVF index is asked for.
 
 Scores are float32 and may differ in the last bits between machines and libraries; callers that
-make a decision at a threshold recompute the scores of the candidate pairs in float64
+make a decision at a threshold recompute in float64 the scores of candidate pairs near it
 (:func:`pair_similarity`), so the index only chooses *candidates*.
 """
 
