@@ -53,13 +53,16 @@ def test_anonymize_then_recover_with_the_password_only(t1_image, tmp_path):
     anonymized = (anonymized * 255).round() / 255  # as stored: 8-bit
 
     store = RecoveryKeyStore.create(tmp_path, "pw for t1", fingerprint="fp-t1", kdf=KdfParams.new(memory_cost=1024, iterations=1, lanes=1))
-    for f, key in enumerate(keys):
-        store.put("t1", f, key.with_placement(aligned.affines[f], feather))
+    store.put_entry("t1", keys, aligned.affines, feather)
     store.close()
 
     with pytest.raises(SecretError):
         RecoveryKeyStore.open(tmp_path, "not the password")
     opened = RecoveryKeyStore.open(tmp_path, "pw for t1", fingerprint="fp-t1")
+    # the payload is a function of the face and its seed only, whatever the password
+    other = RecoveryKeyStore.create(tmp_path / "other", "another password", fingerprint="fp-t1", kdf=KdfParams.new(memory_cost=1024, iterations=1, lanes=1))
+    other.put_entry("t1", keys, aligned.affines, feather)
+    assert other.get_bytes("t1", 2) == opened.get_bytes("t1", 2) == keys[2].with_placement(aligned.affines[2], feather).to_bytes()
     recovered = recover_image(method, opened, "t1", anonymized)
 
     # the support of the anonymization mask, warped into the image

@@ -88,6 +88,7 @@ def test_loads_from_directories_and_matches_in_memory(method, crops, tmp_path):
 def test_keys_recover_the_encoded_face(method, crops):
     out, keys = method.anonymize_with_keys(crops[:1], _conditions([5]))
     assert torch.equal(out, method(crops[:1], _conditions([5])))  # keys do not change the output
+    assert method.anonymize_with_keys(crops[:1], _conditions([5]))[1][0].to_bytes() == keys[0].to_bytes()  # deterministic payload
     key = RecoveryKey.from_bytes(keys[0].to_bytes())
     assert torch.equal(key.z_T, keys[0].z_T) and key.meta == keys[0].meta and key.key_e.shape == (10, 16)
     recovered = method.recover([key])

@@ -48,11 +48,19 @@ class RecoveryKey:
         return replace(self, meta={**self.meta, "affine": [[float(v) for v in row] for row in affine.tolist()], "feather": float(feather)})
 
     def to_bytes(self) -> bytes:
-        from safetensors.torch import save
-
-        tensors = {"z_T": self.z_T.detach().float().cpu().contiguous(), "key_e": self.key_e.detach().float().cpu().contiguous()}
-        metadata = {"format": KEY_FORMAT, "kind": self.kind, "meta": json.dumps(self.meta, sort_keys=True)}
-        return save(tensors, metadata=metadata)
+        """Safetensors bytes, written here with a sorted JSON header so the same key always
+        gives the same bytes (the library's own writer orders its metadata map arbitrarily)."""
+        tensors = {"key_e": self.key_e.detach().float().cpu().contiguous(), "z_T": self.z_T.detach().float().cpu().contiguous()}
+        header: dict[str, Any] = {"__metadata__": {"format": KEY_FORMAT, "kind": self.kind, "meta": json.dumps(self.meta, sort_keys=True)}}
+        chunks, offset = [], 0
+        for name, tensor in tensors.items():
+            data = tensor.numpy().astype("<f4").tobytes()
+            header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+            chunks.append(data)
+            offset += len(data)
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        return len(text).to_bytes(8, "little") + text + b"".join(chunks)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RecoveryKey:

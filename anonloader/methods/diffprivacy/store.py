@@ -177,6 +177,18 @@ class RecoveryKeyStore:
         with self.env.begin(write=True) as txn:
             txn.put(self._key(entry_key, face), blob)
 
+    def put_entry(self, entry_key: str, keys: list[RecoveryKey], affines: Any, feather: float) -> None:
+        """The cache's hook: stores every face key of one entry with its placement (``F,2,3``
+        affines, image pixels -> crop pixels, and the paste-back feather) in one transaction."""
+        if self.readonly:
+            raise CacheError(f"{self.path} is open read-only; open it with RecoveryKeyStore.create to write keys")
+        if len(keys) != len(affines):
+            raise ConfigError(f"cache entry {entry_key}: {len(keys)} recovery keys but {len(affines)} affines")
+        blobs = [self.cipher.encrypt(entry_key, f, key.with_placement(affines[f], feather).to_bytes()) for f, key in enumerate(keys)]
+        with self.env.begin(write=True) as txn:
+            for f, blob in enumerate(blobs):
+                txn.put(self._key(entry_key, f), blob)
+
     def get_bytes(self, entry_key: str, face: int) -> bytes:
         """The decrypted key bytes of one face (:class:`SecretError` when authentication fails)."""
         with self.env.begin() as txn:
