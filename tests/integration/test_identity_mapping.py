@@ -151,3 +151,22 @@ def test_bank_identity_within_threshold_of_the_real_face_is_skipped(faces):
     assigner.fit(original)
     for assignment, vector in zip(assigner.assign(original, torch.arange(3), None), real):
         assert float(bank.embeddings[assignment.synthetic_id] @ vector) < embedder.threshold
+
+
+def test_graph_clustering_on_real_photos_is_not_worse_than_leader():
+    """t1's six people, original and changed photo (12 faces, truth = position left to right):
+    pairwise precision / recall of the previous leader clustering and of the k-NN graph at
+    dlib's threshold; the graph is not worse on either."""
+    from anonloader.identity.clustering import pairwise_precision_recall
+    from anonloader.identity.keys import cluster_embeddings, face_content_hash
+
+    crops = torch.cat([t1_crops(False), t1_crops(True)])
+    truth = list(range(6)) * 2
+    embeddings = DlibEmbedder()(crops)
+    hashes = [face_content_hash(c) for c in crops]
+    scores = {m: pairwise_precision_recall(cluster_embeddings(embeddings, hashes, DlibEmbedder.threshold, method=m).keys, truth)
+              for m in ("leader", "graph")}
+    # measured here (dlib-bin 20): both (0.714, 0.833): two of t1's people are within dlib's
+    # threshold of each other and one changed face falls out of its person: the recognizer's
+    # errors, which no clustering at its threshold undoes
+    assert scores["graph"][0] >= scores["leader"][0] and scores["graph"][1] >= scores["leader"][1], scores
