@@ -188,6 +188,8 @@ class DiffPrivacy:
         if self._backbone is None:
             if self.tiny:
                 self._backbone = build_tiny_backbone(self.tiny_seed, resolution=self.resolution)
+                if self.dtype != "float32":
+                    self._backbone.to(dtype=_DTYPES[self.dtype])
             else:
                 dirs, digests = locate_backbone(self.base_model, self.clip_model, allow_download=self.allow_download, cache_dir=self.cache_dir)
                 logger.info("loading the Diff-Privacy backbone from %s (SD v1.x: CreativeML OpenRAIL-M)", dirs["unet"].parent)
@@ -334,9 +336,9 @@ class DiffPrivacy:
             return words
         slot = prompt_slot(backbone)
         with torch.no_grad():
-            features = clip_class_tokens(backbone, images, msi.config.layers)
+            features = clip_class_tokens(backbone, images, msi.config.layers).to(msi.dtype)
             ts = torch.tensor(stage_timesteps(msi.config.num_stages, backbone.schedule.num_train_timesteps), device=images.device)
-            return msi(features, ts, anchor_embedding(backbone, slot))
+            return msi(features, ts, anchor_embedding(backbone, slot)).to(backbone.dtype)
 
     def _key_meta(self, crop_size: int) -> dict[str, Any]:
         backbone, _, _ = self.load()

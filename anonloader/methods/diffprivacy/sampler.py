@@ -131,7 +131,8 @@ class Guide:
 
     def embed(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """``B,3,R,R`` images (about [0,1]) and ``B,5,2`` landmarks -> ``B,D`` embeddings."""
-        out = self.recognizer(recognizer_view(images, landmarks, self.input_size))
+        dtype = next(self.recognizer.parameters()).dtype
+        out = self.recognizer(recognizer_view(images.to(dtype), landmarks, self.input_size))
         return out[0] if isinstance(out, tuple) else out
 
     def energy(self, images: torch.Tensor) -> torch.Tensor:
