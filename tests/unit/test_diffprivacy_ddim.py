@@ -110,3 +110,23 @@ def test_backbone_is_offline_unless_allowed(tmp_path, monkeypatch):
     (tmp_path / "partial" / "unet").mkdir(parents=True)
     with pytest.raises(ModelLoadError, match="vae"):
         locate_backbone(tmp_path / "partial")
+
+
+def test_clip_image_encoder_from_its_own_directory(tmp_path):
+    import shutil
+
+    backbone = build_tiny_backbone(1)
+    save_backbone(backbone, tmp_path / "sd")
+    clip = tmp_path / "clip"  # the layout of openai/clip-vit-large-patch14: one folder
+    shutil.move(str(tmp_path / "sd" / "image_encoder"), str(clip))
+    shutil.move(str(tmp_path / "sd" / "feature_extractor" / "preprocessor_config.json"), str(clip / "preprocessor_config.json"))
+    shutil.rmtree(tmp_path / "sd" / "feature_extractor")
+    dirs, digests = locate_backbone(tmp_path / "sd", clip)
+    assert dirs["image_encoder"] == clip == dirs["feature_extractor"]
+    loaded = load_backbone(dirs, digests)
+    pixels = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(
+            loaded.image_encoder(pixel_values=loaded.clip_pixels(pixels)).last_hidden_state,
+            backbone.image_encoder(pixel_values=backbone.clip_pixels(pixels)).last_hidden_state,
+        )
