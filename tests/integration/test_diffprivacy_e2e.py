@@ -10,15 +10,15 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("cryptography")
 
-import anonloader  # noqa: E402
-from anonloader.errors import SecretError  # noqa: E402
-from anonloader.methods.diffprivacy import DiffPrivacy  # noqa: E402
-from anonloader.methods.diffprivacy.crypto import KdfParams  # noqa: E402
-from anonloader.methods.diffprivacy.recovery import recover_image  # noqa: E402
-from anonloader.methods.diffprivacy.store import RecoveryKeyStore  # noqa: E402
-from anonloader.types import FaceConditions  # noqa: E402
+import anonloader
+from anonloader.errors import SecretError
+from anonloader.methods.diffprivacy import DiffPrivacy
+from anonloader.methods.diffprivacy.crypto import KdfParams
+from anonloader.methods.diffprivacy.recovery import recover_image
+from anonloader.methods.diffprivacy.store import RecoveryKeyStore
+from anonloader.types import FaceConditions
 
-OPTIONS = dict(tiny=True, num_inference_steps=10, group_size=2, inversion_iters=2)
+OPTIONS = {"tiny": True, "num_inference_steps": 10, "group_size": 2, "inversion_iters": 2}
 
 
 def test_diffprivacy_anonymizes_a_real_photo_through_anonymize(astronaut_image):
@@ -34,9 +34,10 @@ def test_diffprivacy_anonymizes_a_real_photo_through_anonymize(astronaut_image):
 
 
 def test_anonymize_then_recover_with_the_password_only(t1_image, tmp_path):
+    from anonloader.kernels.paste_back import crop_mask, paste_back
+
     from anonloader.align import align_faces
     from anonloader.detect import load_detector
-    from anonloader.kernels.paste_back import crop_mask, paste_back
 
     method = DiffPrivacy(**OPTIONS)
     faces = load_detector("default")([t1_image])[0]

@@ -10,15 +10,21 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from anonloader.errors import ModelLoadError  # noqa: E402
-from anonloader.methods.diffprivacy.backbone import (  # noqa: E402
+from anonloader.errors import ModelLoadError
+from anonloader.methods.diffprivacy.backbone import (
     SD15_SCHEDULER_CONFIG,
     build_tiny_backbone,
     load_backbone,
     locate_backbone,
     save_backbone,
 )
-from anonloader.methods.diffprivacy.schedule import NoiseSchedule, ddim_invert_step, ddim_step, predict_z0, v_to_eps  # noqa: E402
+from anonloader.methods.diffprivacy.schedule import (
+    NoiseSchedule,
+    ddim_invert_step,
+    ddim_step,
+    predict_z0,
+    v_to_eps,
+)
 
 
 @pytest.fixture(scope="module")

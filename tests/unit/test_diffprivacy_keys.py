@@ -12,13 +12,13 @@ import torch
 pytest.importorskip("cryptography")
 pytest.importorskip("lmdb")
 
-from anonloader.errors import CacheError, ConfigError, SecretError  # noqa: E402
-from anonloader.methods.diffprivacy.crypto import KdfParams, Secret, derive_cipher  # noqa: E402
-from anonloader.methods.diffprivacy.keys import RecoveryKey  # noqa: E402
-from anonloader.methods.diffprivacy.store import RECOVERY_DB, RecoveryKeyStore  # noqa: E402
+from anonloader.errors import CacheError, ConfigError, SecretError
+from anonloader.methods.diffprivacy.crypto import KdfParams, Secret, derive_cipher
+from anonloader.methods.diffprivacy.keys import RecoveryKey
+from anonloader.methods.diffprivacy.store import RECOVERY_DB, RecoveryKeyStore
 
 PASSWORD = "correct horse battery staple 7f3a"
-FAST_KDF = dict(memory_cost=1024, iterations=1, lanes=1)  # tests only; the default is RFC 9106's 64 MiB, t=3, p=4
+FAST_KDF = {"memory_cost": 1024, "iterations": 1, "lanes": 1}  # tests only; the default is RFC 9106's 64 MiB, t=3, p=4
 
 
 def _key(seed: int = 0) -> RecoveryKey:

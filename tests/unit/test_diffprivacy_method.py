@@ -10,15 +10,15 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from anonloader.align import template_points  # noqa: E402
-from anonloader.errors import ConfigError, ModelLoadError  # noqa: E402
-from anonloader.fingerprint import fingerprint_of  # noqa: E402
-from anonloader.methods import Method, get_method  # noqa: E402
-from anonloader.methods.diffprivacy import DiffPrivacy, RecoveryKey  # noqa: E402
-from anonloader.methods.diffprivacy.sampler import invert, reconstruct  # noqa: E402
-from anonloader.types import FaceConditions  # noqa: E402
+from anonloader.align import template_points
+from anonloader.errors import ConfigError, ModelLoadError
+from anonloader.fingerprint import fingerprint_of
+from anonloader.methods import Method, get_method
+from anonloader.methods.diffprivacy import DiffPrivacy, RecoveryKey
+from anonloader.methods.diffprivacy.sampler import invert, reconstruct
+from anonloader.types import FaceConditions
 
-FAST = dict(num_inference_steps=10, group_size=2, inversion_iters=2)
+FAST = {"num_inference_steps": 10, "group_size": 2, "inversion_iters": 2}
 
 
 def _conditions(seeds: list[int]) -> FaceConditions:

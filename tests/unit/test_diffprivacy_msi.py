@@ -9,8 +9,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("lightning")
 
-from anonloader.methods.diffprivacy.backbone import build_tiny_backbone, module_digest  # noqa: E402
-from anonloader.methods.diffprivacy.msi import (  # noqa: E402
+from anonloader.methods.diffprivacy.backbone import build_tiny_backbone, module_digest
+from anonloader.methods.diffprivacy.msi import (
     MSI,
     anchor_embedding,
     clip_class_tokens,
@@ -20,7 +20,11 @@ from anonloader.methods.diffprivacy.msi import (  # noqa: E402
     stage_index,
     stage_timesteps,
 )
-from anonloader.methods.diffprivacy.training import MSIModule, cross_attention_dropouts, msi_loss  # noqa: E402
+from anonloader.methods.diffprivacy.training import (
+    MSIModule,
+    cross_attention_dropouts,
+    msi_loss,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,22 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from anonloader.align import template_points  # noqa: E402
-from anonloader.methods.diffprivacy.backbone import build_tiny_backbone  # noqa: E402
-from anonloader.methods.diffprivacy.energy import diversity, identity_dissimilarity, identity_similarity  # noqa: E402
-from anonloader.methods.diffprivacy.model import _tiny_recognizer  # noqa: E402
-from anonloader.methods.diffprivacy.sampler import Guide, SamplingSettings, group_noise, guidance_step, guided_sample  # noqa: E402
-from anonloader.methods.diffprivacy.schedule import ddim_step  # noqa: E402
+from anonloader.align import template_points
+from anonloader.methods.diffprivacy.backbone import build_tiny_backbone
+from anonloader.methods.diffprivacy.energy import (
+    diversity,
+    identity_dissimilarity,
+    identity_similarity,
+)
+from anonloader.methods.diffprivacy.model import _tiny_recognizer
+from anonloader.methods.diffprivacy.sampler import (
+    Guide,
+    SamplingSettings,
+    group_noise,
+    guidance_step,
+    guided_sample,
+)
+from anonloader.methods.diffprivacy.schedule import ddim_step
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +114,7 @@ def _guide(backbone, group_size: int, mode: str) -> tuple[Guide, torch.Tensor]:
 def test_guidance_moves_down_the_energy(backbone, grad_mode, mode, group):
     guide, z0 = _guide(backbone, group, mode)
     settings = SamplingSettings.for_mode(mode, group_size=group, guidance_grad=grad_mode, guidance_scale=0.1)
-    conds, uc = _marked_conditions(1)
+    conds, _ = _marked_conditions(1)
     t, t_prev = 481, 461
     a = backbone.schedule.alpha(t)
     z = math.sqrt(a) * z0.repeat(group, 1, 1, 1) + math.sqrt(1 - a) * group_noise([5], group, (4, 16, 16), z0.device, z0.dtype)

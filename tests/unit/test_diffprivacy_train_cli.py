@@ -11,13 +11,13 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("lightning")
 
-from anonloader.align import template_points  # noqa: E402
-from anonloader.methods.diffprivacy import DiffPrivacy  # noqa: E402
-from anonloader.methods.diffprivacy.backbone import build_tiny_backbone, module_digest  # noqa: E402
-from anonloader.methods.diffprivacy.msi import MSI, default_layers, prompt_slot  # noqa: E402
-from anonloader.methods.diffprivacy.train import main  # noqa: E402
-from anonloader.methods.diffprivacy.training import msi_loss  # noqa: E402
-from anonloader.types import FaceConditions  # noqa: E402
+from anonloader.align import template_points
+from anonloader.methods.diffprivacy import DiffPrivacy
+from anonloader.methods.diffprivacy.backbone import build_tiny_backbone, module_digest
+from anonloader.methods.diffprivacy.msi import MSI, default_layers, prompt_slot
+from anonloader.methods.diffprivacy.train import main
+from anonloader.methods.diffprivacy.training import msi_loss
+from anonloader.types import FaceConditions
 
 
 @pytest.fixture(scope="module")

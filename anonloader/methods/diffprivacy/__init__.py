@@ -6,7 +6,13 @@ Imports diffusers and transformers; :mod:`anonloader` imports this package only 
 
 from __future__ import annotations
 
-from .backbone import Backbone, build_tiny_backbone, load_backbone, locate_backbone, save_backbone
+from .backbone import (
+    Backbone,
+    build_tiny_backbone,
+    load_backbone,
+    locate_backbone,
+    save_backbone,
+)
 from .keys import RecoveryKey
 from .model import DiffPrivacy
 from .msi import MSI

@@ -27,7 +27,11 @@ import torch
 from anonloader.errors import ModelLoadError
 from anonloader.fingerprint import hash_file
 from anonloader.methods.fams.components import ClipInput
-from anonloader.methods.fams.weights import own_aligned_memory, resolve_directory, weight_files_digest
+from anonloader.methods.fams.weights import (
+    own_aligned_memory,
+    resolve_directory,
+    weight_files_digest,
+)
 
 from .schedule import NoiseSchedule, v_to_eps
 
@@ -36,13 +40,13 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel
 
 __all__ = [
-    "Backbone",
-    "module_digest",
     "CLIP_MODEL_ID",
     "SD15_SCHEDULER_CONFIG",
     "SD_MODEL_ID",
+    "Backbone",
     "build_tiny_backbone",
     "load_backbone",
+    "module_digest",
     "save_backbone",
 ]
 
@@ -304,7 +308,12 @@ def build_tiny_backbone(seed: int = 0, *, resolution: int = 32) -> Backbone:
     ``scaling_factor`` is set so its latents have unit variance, as SD's 0.18215 does.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+    )
 
     tokenizer = build_tiny_tokenizer()
     text_width = 16

@@ -35,10 +35,35 @@ from torch import nn
 from anonloader.errors import AnonloaderError, ConfigError, MethodError, ModelLoadError
 from anonloader.types import FaceConditions
 
-from .backbone import CLIP_MODEL_ID, SD_MODEL_ID, Backbone, build_tiny_backbone, load_backbone, locate_backbone, module_digest, save_backbone
+from .backbone import (
+    CLIP_MODEL_ID,
+    SD_MODEL_ID,
+    Backbone,
+    build_tiny_backbone,
+    load_backbone,
+    locate_backbone,
+    module_digest,
+    save_backbone,
+)
 from .keys import RecoveryKey
-from .msi import MSI, anchor_embedding, clip_class_tokens, default_layers, encode_stage_words, prompt_slot, stage_timesteps, unconditional_embedding
-from .sampler import Guide, SamplingSettings, guided_sample, invert, reconstruct, select_members
+from .msi import (
+    MSI,
+    anchor_embedding,
+    clip_class_tokens,
+    default_layers,
+    encode_stage_words,
+    prompt_slot,
+    stage_timesteps,
+    unconditional_embedding,
+)
+from .sampler import (
+    Guide,
+    SamplingSettings,
+    guided_sample,
+    invert,
+    reconstruct,
+    select_members,
+)
 from .training import refine_words
 
 __all__ = ["DiffPrivacy"]

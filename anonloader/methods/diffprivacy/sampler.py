@@ -26,14 +26,20 @@ from torch import nn
 
 from anonloader.errors import ConfigError
 
-from .energy import cosine, diversity, identity_dissimilarity, identity_similarity, recognizer_view
+from .energy import (
+    cosine,
+    diversity,
+    identity_dissimilarity,
+    identity_similarity,
+    recognizer_view,
+)
 from .msi import stage_index
 from .schedule import ddim_invert_step, ddim_step
 
 if TYPE_CHECKING:
     from .backbone import Backbone
 
-__all__ = ["Guide", "MODE_DEFAULTS", "SamplingSettings", "condition_at", "guided_sample", "guidance_step", "invert", "reconstruct"]
+__all__ = ["MODE_DEFAULTS", "Guide", "SamplingSettings", "condition_at", "guidance_step", "guided_sample", "invert", "reconstruct"]
 
 MODES = ("anonymize", "hide")
 #: the paper's settings per task (A.2.3): DDIM steps, S_ns, τ, group size G

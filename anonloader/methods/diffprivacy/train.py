@@ -73,7 +73,7 @@ class CropFolder(torch.utils.data.Dataset):
 def _method(args: argparse.Namespace) -> Any:
     from .model import DiffPrivacy
 
-    kwargs: dict[str, Any] = dict(guidance_scale=0.0, select="first")
+    kwargs: dict[str, Any] = {"guidance_scale": 0.0, "select": "first"}
     if args.tiny:
         return DiffPrivacy(tiny=True, tiny_seed=args.seed, **kwargs)
     from .backbone import load_backbone, locate_backbone
@@ -119,7 +119,13 @@ def train_amortized(args: argparse.Namespace) -> Path:
 def train_per_image(args: argparse.Namespace) -> Path:
     from safetensors.torch import save_file
 
-    from .msi import MSI, anchor_embedding, clip_class_tokens, prompt_slot, stage_timesteps
+    from .msi import (
+        MSI,
+        anchor_embedding,
+        clip_class_tokens,
+        prompt_slot,
+        stage_timesteps,
+    )
     from .training import msi_loss
 
     method = _method(args)

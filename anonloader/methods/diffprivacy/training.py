@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .msi import MSI, PromptSlot, anchor_embedding, clip_class_tokens, encode_stage_words, stage_timesteps
+from .msi import (
+    MSI,
+    PromptSlot,
+    anchor_embedding,
+    clip_class_tokens,
+    encode_stage_words,
+    stage_timesteps,
+)
 
 if TYPE_CHECKING:
     from .backbone import Backbone
