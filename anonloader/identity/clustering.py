@@ -44,6 +44,7 @@ from anonloader.identity.index import VectorIndex, faiss_available, pair_similar
 
 __all__ = [
     "CLUSTER_METHODS",
+    "CanonicalRows",
     "canonical_order",
     "cluster_centroids",
     "component_roots",
@@ -58,6 +59,36 @@ logger = logging.getLogger(__name__)
 CLUSTER_METHODS = ("graph", "leader")
 #: float32 scores may be this far below their float64 value; candidates within it are re-scored
 _SLACK = 1e-4
+
+
+class CanonicalRows:
+    """The embeddings in canonical order, L2-normalised, read on demand (no full copy).
+
+    ``rows[a:b]`` and ``rows[index_array]`` give ``M,D float32`` unit vectors of canonical rows
+    (``source[order[...]]``, each row divided by its norm on its own, so a row reads the same
+    in any block). ``source`` is an ``N,D`` array, memory map or tensor.
+    """
+
+    def __init__(self, source: Any, order: np.ndarray) -> None:
+        self.source = source.detach().cpu().float().numpy() if isinstance(source, torch.Tensor) else source
+        self.order = np.asarray(order, dtype=np.int64)
+        self.shape = (len(self.order), int(self.source.shape[1]))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        picked = self.order[rows]
+        if isinstance(rows, slice) and len(picked) and np.all(np.diff(picked) == 1):
+            block = np.asarray(self.source[int(picked[0]) : int(picked[-1]) + 1], dtype=np.float32)
+        else:
+            block = np.asarray(self.source[picked], dtype=np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float32))[:, None]
+        return np.ascontiguousarray(block / np.maximum(norms, np.float32(1e-12)), dtype=np.float32)
+
+    def materialize(self) -> np.ndarray:
+        """All rows as one ``N,D float32`` array (for small N)."""
+        return np.concatenate([self[s : s + 65536] for s in range(0, len(self), 65536)]) if len(self) else np.zeros(self.shape, np.float32)
 
 
 def canonical_order(content_hashes: Sequence[str]) -> np.ndarray:
@@ -131,7 +162,8 @@ def graph_labels(
     """Cluster roots of ``N,D`` L2-normalised float32 vectors given in canonical order.
 
     Args:
-        vectors: ``N,D float32`` unit vectors, rows in canonical (content-hash) order.
+        vectors: ``N,D float32`` unit vectors, rows in canonical (content-hash) order: an array
+            or :class:`CanonicalRows` (read in blocks; an exact search reads it whole).
         threshold: same-person cosine similarity in ``[-1, 1]``.
         k: nearest neighbours per face (including itself).
         mutual: keep only mutual k-NN edges (see module doc; off by default).
@@ -147,6 +179,8 @@ def graph_labels(
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     kind = index_kind or ("exact" if n <= exact_limit or not faiss_available() else "ivf")
+    if kind == "exact" and isinstance(vectors, CanonicalRows):
+        vectors = vectors.materialize()
     index = VectorIndex.build(vectors, kind=kind, nprobe=nprobe)
     k = min(int(k), n)
     if shards > 1:
@@ -218,11 +252,11 @@ def _ray_edges(vectors: np.ndarray, index: VectorIndex, k: int, threshold: float
 
 
 # ---------------------------------------------------------------------------------- centroids, old method, quality
-def cluster_centroids(vectors: np.ndarray, labels: np.ndarray, count: int, *, chunk: int = 65536) -> torch.Tensor:
+def cluster_centroids(vectors: Any, labels: np.ndarray, count: int, *, chunk: int = 65536) -> torch.Tensor:
     """``C,D float32`` L2-normalised member means, summed in float64 in row order.
 
     Args:
-        vectors: ``N,D float32`` unit vectors (canonical order).
+        vectors: ``N,D float32`` unit vectors (canonical order; array or :class:`CanonicalRows`).
         labels: ``N int64`` cluster numbers in ``[0, count)``.
     """
     sums = torch.zeros(count, vectors.shape[1], dtype=torch.float64)

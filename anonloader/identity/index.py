@@ -125,7 +125,14 @@ class VectorIndex:
     def build(
         cls, vectors: Any, *, kind: str = "exact", nlist: int | None = None, nprobe: int = 16, backend: str = "auto"
     ) -> VectorIndex:
-        """An index over ``N,D`` vectors (tensor or array); row ``i`` gets id ``i``."""
+        """An index over ``N,D`` vectors (tensor or array; for ``"ivf"`` also any row source
+        with ``shape``, ``len`` and numpy-style slice / index-array reads returning ``M,D
+        float32``, e.g. :class:`~anonloader.identity.clustering.CanonicalRows`, read in blocks
+        so no second full copy is made); row ``i`` gets id ``i``."""
+        if kind == "ivf" and not isinstance(vectors, (np.ndarray, torch.Tensor)):
+            index = cls(int(vectors.shape[1]), kind=kind, nlist=nlist, nprobe=nprobe, backend=backend)
+            index._build_ivf(vectors)
+            return index
         matrix = _as_matrix(vectors)
         index = cls(matrix.shape[1], kind=kind, nlist=nlist, nprobe=nprobe, backend=backend)
         if kind == "ivf":
@@ -170,7 +177,7 @@ class VectorIndex:
         self._data[rows] = _as_matrix(vectors, self.dim)
 
     # ------------------------------------------------------------------ IVF
-    def _build_ivf(self, matrix: np.ndarray) -> None:
+    def _build_ivf(self, matrix: Any) -> None:
         faiss = _faiss()
         n = len(matrix)
         nlist = self.nlist or max(1, int(4 * math.sqrt(n)))
@@ -185,8 +192,9 @@ class VectorIndex:
         # buckets only route the search, so a coarse k-means costs recall nothing measurable
         # (0.9998 at nprobe=4, N=10^5) and its cost stays linear in N
         stride = max(1, n // (16 * nlist))
-        ivf.train(np.ascontiguousarray(matrix[::stride]))
-        ivf.add(matrix)
+        ivf.train(np.ascontiguousarray(matrix[np.arange(0, n, stride)], dtype=np.float32))
+        for start in range(0, n, 65536):  # in blocks: the source may be a memory map or a view
+            ivf.add(np.ascontiguousarray(matrix[start : start + 65536], dtype=np.float32))
         ivf.nprobe = min(self.nprobe, nlist)
         self._ivf = ivf
 

@@ -226,22 +226,19 @@ def cluster_embeddings(
     if n == 0:
         return ClusterResult([], torch.zeros(0, dim), [], np.zeros(0, dtype=np.int64))
     order = clustering.canonical_order(content_hashes)
-    canonical = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, 65536):  # normalise in blocks (the input may be memory-mapped)
-        rows = order[start : start + 65536]
-        block = torch.as_tensor(np.asarray(embeddings[rows]) if not isinstance(embeddings, torch.Tensor) else embeddings[rows])
-        canonical[start : start + len(rows)] = torch.nn.functional.normalize(block.detach().float().cpu(), dim=1).numpy()
+    # the rows in canonical order, normalised as they are read: no second full copy of the
+    # embeddings (the input may be a memory map of an EmbeddingStore)
+    canonical = clustering.CanonicalRows(embeddings, order)
     if method == "graph":
         roots = clustering.graph_labels(canonical, threshold, k=k, shards=shards, exact_limit=exact_limit, index_kind=index_kind)
     else:
-        groups = clustering.leader_labels(torch.from_numpy(canonical), threshold)
+        groups = clustering.leader_labels(torch.from_numpy(canonical.materialize()), threshold)
         first = np.full(int(groups.max()) + 1, n, dtype=np.int64)
         np.minimum.at(first, groups, np.arange(n, dtype=np.int64))
         roots = first[groups]  # a group's smallest canonical row
     unique_roots = np.unique(roots)  # ascending row = ascending smallest hash
     canonical_labels = np.searchsorted(unique_roots, roots).astype(np.int64)
     centroids = clustering.cluster_centroids(canonical, canonical_labels, len(unique_roots))
-    del canonical
     cluster_keys = ["cluster:" + content_hashes[int(order[r])] for r in unique_roots]
     labels = np.empty(n, dtype=np.int64)
     labels[order] = canonical_labels
