@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "anonloader.cache.commands",
     "anonloader.eval.commands",
     "anonloader.identity.commands",
+    "anonloader.commands.bank",
     "anonloader.audit",
 )
 
