@@ -14,7 +14,9 @@ scikit-image's astronaut, 256x256, the face annotated) yielding ``3,H,W uint8`` 
   wrap kept in training: decode the original, hash it, read the cache.
 
 Each loader runs 1 warm-up epoch and 6 timed epochs; the best epoch counts. Sequential and
-shuffled order. ``--runs 2`` repeats the whole table. Also printed: precompute images/s per
+shuffled order. ``--runs 2`` repeats the whole table. On a shared machine wall-clock rates
+move with everyone else's load, so the table also gives each loader's CPU time per image read
+in one process (``time.process_time``, all its threads), with speed-ups as ratios. Also printed: precompute images/s per
 codec (``method="blur"``, annotated faces, ``revalidate=False`` so the codec's share shows),
 and MB on disk of every loader's files.
 
@@ -106,6 +108,27 @@ def measure(dataset: Dataset, epochs: int, shuffle: bool, batch_size: int = 32) 
     return best
 
 
+def cpu_us_per_image(dataset: Dataset, batch_size: int = 32) -> float:
+    """CPU time (all threads of this process) per sample read in this process, after a warm-up
+    pass: stable where wall-clock rates are not (the machine's other load does not count)."""
+    def one_pass() -> int:
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            return sum(1 for _ in dataset)
+        n = len(dataset)
+        if hasattr(dataset, "__getitems__"):
+            for start in range(0, n, batch_size):
+                dataset.__getitems__(list(range(start, min(n, start + batch_size))))
+        else:
+            for i in range(n):
+                dataset[i]
+        return n
+
+    one_pass()
+    start = time.process_time()
+    count = one_pass() + one_pass()
+    return (time.process_time() - start) / count * 1e6
+
+
 def disk_mb(path: Path) -> float:
     """MB the files under ``path`` occupy on disk (allocated blocks: LMDB's sparse map counts as used)."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
@@ -144,7 +167,7 @@ def codec_table(sizes: tuple[int, ...] = (256, 512)) -> None:
                 start = time.perf_counter()
                 decoded = [codec.decode(memoryview(e)) for e in encoded]
                 decode = min(decode, (time.perf_counter() - start) / len(crops))
-            exact = all(torch.equal(d, c) for d, c in zip(decoded, crops))
+            exact = all(torch.equal(d, c) for d, c in zip(decoded, crops, strict=True))
             size_kib = sum(map(len, encoded)) / len(crops) / 1024
             raw_kib = crops[0].numel() / 1024
             print(f"{name:8s} {encode * 1e3:10.2f} {decode * 1e3:10.3f} {size_kib:8.1f} {raw_kib / size_kib:7.2f} {exact!s:>6s}")
@@ -183,7 +206,7 @@ def main() -> None:
 
         litdata.optimize(fn=_LitItem(str(caches["raw"])), inputs=list(range(args.images)), output_dir=str(root / "litdata"),
                          chunk_bytes="64MB", num_workers=1, verbose=False)
-        print(f"precompute images/s (blur, 2 workers, revalidate off): "
+        print("precompute images/s (blur, 2 workers, revalidate off): "
               + ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items()))
         loaders = {
             "plain JPEG folder (q90)": (lambda: JpegFolder(paths), root / "jpeg"),
@@ -202,8 +225,10 @@ def main() -> None:
         )
         for run in range(1, args.runs + 1):
             results = {}
+            cpu = {}
             for name, (make, _) in loaders.items():
                 results[name] = {}
+                cpu[name] = cpu_us_per_image(make())
                 for order in ("sequential", "shuffled"):
                     shuffled = order == "shuffled"
                     dataset = make() if "litdata" not in name else litdata.StreamingDataset(str(root / "litdata"), shuffle=shuffled)
@@ -213,13 +238,15 @@ def main() -> None:
             print(f"\nrun {run}: {args.images} images 256x256, DataLoader num_workers=2 batch_size=32, best of {args.epochs} "
                   f"epochs, torch {torch.__version__}, {os.cpu_count()} CPUs")
             print(f"{'loader':30s} {'MB':>7s} | {'seq img/s':>9s} {'x plain':>7s} {'x lit':>6s} | "
-                  f"{'shuf img/s':>10s} {'x plain':>7s} {'x lit':>6s}")
+                  f"{'shuf img/s':>10s} {'x plain':>7s} {'x lit':>6s} | {'CPU us/img':>10s} {'x plain':>7s} {'x lit':>6s}")
             for name, by_order in results.items():
                 row = f"{name:30s} {disk_mb(loaders[name][1]):7.1f} |"
                 for order in ("sequential", "shuffled"):
                     rate = by_order[order]
                     row += f" {rate:9.0f} {rate / plain[order]:7.2f} {rate / lit[order]:6.2f} |"
-                print(row.rstrip(" |"))
+                # CPU ratios as speed-ups: plain's (litdata's) CPU per image over this loader's
+                row += f" {cpu[name]:10.0f} {cpu['plain JPEG folder (q90)'] / cpu[name]:7.2f} {cpu['litdata StreamingDataset'] / cpu[name]:6.2f}"
+                print(row)
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
