@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from anonloader import __version__
 from anonloader.align import align_faces, estimate_affine
 from anonloader.detect.base import Detector
-from anonloader.errors import AnonymizationFailed, ConfigError, UnsupportedImageError
+from anonloader.errors import AnonloaderError, AnonymizationFailed, ConfigError, UnsupportedImageError
 from anonloader.fingerprint import CACHE_FORMAT_VERSION, fingerprint_of
 from anonloader.identity.base import IdentityAssigner
 from anonloader.methods import Method, get_method
@@ -288,7 +288,7 @@ class Anonymizer:
                 errors[i] = str(error)
 
         found = self._detect(checked, detections, errors)
-        self._check_detections(found, errors)
+        self._check_detections(found, errors, checked, given=detections is not None)
         records: list[list[FaceRecord]] = [[] for _ in range(n)]
         outputs: list[torch.Tensor | None] = list(checked)
         ok = [i for i in range(n) if errors[i] is None and len(found[i]) > 0]
@@ -404,15 +404,34 @@ class Anonymizer:
         return found
 
     @staticmethod
-    def _check_detections(found: list[Detections], errors: list[str | None]) -> None:
-        """Non-finite boxes or landmarks (a custom detector, NaN annotations) fail their image closed."""
+    def _check_detections(
+        found: list[Detections],
+        errors: list[str | None],
+        images: list[torch.Tensor | None],
+        given: bool,
+    ) -> None:
+        """Untrustworthy faces fail their image closed.
+
+        Detector output must be finite (a custom detector may give NaN). Detections handed in
+        (annotations) get the full :func:`~anonloader.detect.annotations.check_detections`:
+        finite, in pixels rather than [0,1] units, inside the image, landmarks near their box —
+        faces in the wrong units would otherwise be left untouched and called anonymized.
+        """
+        from anonloader.detect.annotations import check_detections
+
         for i, faces in enumerate(found):
-            if errors[i] is None and len(faces) and not all(
-                bool(torch.isfinite(t).all()) for t in (faces.boxes, faces.landmarks)
-            ):
+            if errors[i] is not None or not len(faces):
+                continue
+            if given and images[i] is not None:
+                try:
+                    check_detections(faces, tuple(images[i].shape[-2:]), index=i)  # type: ignore[union-attr]
+                except AnonloaderError as error:
+                    errors[i] = f"image {i}: {error}"
+                continue
+            if not all(bool(torch.isfinite(t).all()) for t in (faces.boxes, faces.landmarks)):
                 errors[i] = (
-                    f"image {i}: the detector or annotations gave non-finite boxes or landmarks; "
-                    "fix the annotations or the custom detector"
+                    f"image {i}: the detector gave non-finite boxes or landmarks; "
+                    "fix the custom detector or use a built-in one"
                 )
 
     def _log_detector_error(self, error: BaseException, indices: list[int]) -> None:

@@ -85,8 +85,19 @@ def test_non_finite_annotations_raise_under_raise_policy():
     from anonloader.errors import AnonymizationFailed
 
     bad = _one_face(torch.tensor([[[35.0, 40.0], [float("inf"), 40.0], [48.0, 52.0], [38.0, 64.0], [58.0, 64.0]]]))
-    with pytest.raises(AnonymizationFailed, match="non-finite"):
+    with pytest.raises(AnonymizationFailed, match="NaN|inf|finite"):
         Anonymizer("blur", detector=None, on_error="raise")([_image(4)], detections=[bad])
+
+
+def test_annotations_in_unit_coordinates_fail_closed_instead_of_passing_the_face():
+    """Boxes and landmarks in [0,1] on a 96 px image would warp a 1-pixel corner and leave the face."""
+    face = _one_face()
+    normalised = Detections(face.boxes / 96, face.landmarks / 96, face.scores)
+    image = _image(6)
+    result = Anonymizer("blur", detector=None, on_error="obscure")([image], detections=[normalised])
+    assert result.errors[0] is not None and "normalised" in result.errors[0]
+    assert [r.status for r in result.records[0]] == ["obscured"]
+    assert torch.equal(result.images[0], obscure_image(image).mul(255).round().div(255))
 
 
 def test_finite_annotations_are_anonymized():
