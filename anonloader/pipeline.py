@@ -473,6 +473,8 @@ class Anonymizer:
                 margin=float(getattr(self.method, "margin", 0.0)),
             )
             conditions = self._conditions(batch, aligned, faces, [labels[i] for i in ok] if labels else None)
+            if hasattr(self.method, "clip_faces"):  # a video method sees the batch as one clip, in frame order
+                conditions.extra["frame_index"] = [ok[int(j)] for j in aligned.image_index]
             generated = self._run_method(aligned.crops, conditions)
             pasted = paste_back(
                 batch,
@@ -548,6 +550,14 @@ class Anonymizer:
         )
 
     def _run_method(self, crops: torch.Tensor, conditions: FaceConditions) -> torch.Tensor:
+        clip_faces = getattr(self.method, "clip_faces", None)
+        if clip_faces is not None and "frame_index" in conditions.extra:
+            # a clip method keeps one identity and texture per track across the whole call
+            frame_index = conditions.extra.pop("frame_index")
+            with torch.no_grad():
+                out = clip_faces(crops, conditions, frame_index)
+            self._check_method_output(out, crops)
+            return out.clamp(0, 1)
         outputs = []
         for start in range(0, crops.shape[0], self.batch_size):
             stop = start + self.batch_size
@@ -561,13 +571,16 @@ class Anonymizer:
             chunk = crops[start:stop]
             with torch.no_grad():
                 out = self.method(chunk, part)
-            if out.shape != chunk.shape or not bool(torch.isfinite(out).all()):
-                raise AnonymizationFailed(
-                    f"method {self.method.name!r} returned {tuple(out.shape)} (or non-finite values) "
-                    f"for crops {tuple(chunk.shape)}"
-                )
+            self._check_method_output(out, chunk)
             outputs.append(out.clamp(0, 1))
         return torch.cat(outputs)
+
+    def _check_method_output(self, out: torch.Tensor, crops: torch.Tensor) -> None:
+        if out.shape != crops.shape or not bool(torch.isfinite(out).all()):
+            raise AnonymizationFailed(
+                f"method {self.method.name!r} returned {tuple(out.shape)} (or non-finite values) "
+                f"for crops {tuple(crops.shape)}"
+            )
 
     def _apply_policies(
         self,

@@ -115,7 +115,7 @@ def tracking_anonymizer(method: Any = "blur", *, secret: Any = None, secret_file
     return Anonymizer(resolved, identity=identity, **kwargs)
 
 
-_ANONYMIZER_OPTIONS = ("detector", "on_error", "on_no_face", "feather", "color_match", "device", "batch_size")
+_ANONYMIZER_OPTIONS = ("detector", "on_error", "on_no_face", "feather", "color_match", "device", "batch_size", "revalidate")
 
 
 # ------------------------------------------------------------------------------- reading
@@ -222,7 +222,9 @@ def anonymize_clip(frames: Sequence[Any], anonymizer: Any, *, clip: str = "clip"
         anonymizer: an Anonymizer whose ``identity`` is a :class:`TrackingIdentityAssigner`
             (see :func:`tracking_anonymizer`).
         clip: the clip's name (tracks never cross clips).
-        batch_size: frames per pipeline call.
+        batch_size: frames per pipeline call (per detector call for a method with
+            ``clip_faces``, which anonymizes the whole clip in one call so every track keeps one
+            identity and texture).
     """
     identity = anonymizer.identity
     if not isinstance(identity, TrackingIdentityAssigner):
@@ -231,9 +233,14 @@ def anonymize_clip(frames: Sequence[Any], anonymizer: Any, *, clip: str = "clip"
         raise ConfigError("anonymize_clip needs a detector (the tracker needs every frame's boxes)")
     identity.reset(clip)
     result = ClipResult([], [], [], [])
-    for start in range(0, len(frames), batch_size):
-        chunk = [_as_float(f) for f in frames[start : start + batch_size]]
-        detections: list[Detections] = anonymizer.detector(chunk)
+    step = batch_size
+    if hasattr(anonymizer.method, "clip_faces"):  # a video method (DiffDeID's) sees the whole clip at once
+        step = max(1, len(frames))
+    for start in range(0, len(frames), step):
+        chunk = [_as_float(f) for f in frames[start : start + step]]
+        detections: list[Detections] = []
+        for first in range(0, len(chunk), batch_size):
+            detections += anonymizer.detector(chunk[first : first + batch_size])
         labels = [FrameLabel(str(clip), d.boxes.detach().cpu()) for d in detections]
         identity.last_tracks = []
         out = anonymizer(chunk, detections=detections, labels=labels)

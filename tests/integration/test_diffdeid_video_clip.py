@@ -78,3 +78,34 @@ def test_video_paradigm_on_the_panned_t1_clip(astronaut_image):
     rows = [i for track in DiffDeIDVideo.tracks(conditions) for i in sorted(track, key=lambda j: index[j])[1:]]
     expected = torch.stack([out[first[keys[i]]] for i in rows]) * 2 - 1
     assert len(texture_inputs) == 1 and torch.equal(texture_inputs[0], expected)
+
+
+def test_anonymize_clip_hands_the_whole_clip_to_the_video_method(astronaut_image):
+    """Through the pipeline: one clip_faces call with every face of every frame in frame order,
+    the tracker's keys as tracks, and every face region changed."""
+    from anonloader.integrations.video import anonymize_clip, tracking_anonymizer
+
+    torch.manual_seed(0)
+    image_method = DiffDeID(config="tiny", num_inference_steps=2, **_parts(astronaut_image))
+    video = DiffDeIDVideo(image_method, DiffDeIDUNet({"preset": "tiny", "identity_condition": False}))
+    calls = []
+    inner = video.clip_faces
+
+    def spy(crops, conditions, frame_index):
+        calls.append((len(crops), list(frame_index), list(conditions.identity_keys)))
+        return inner(crops, conditions, frame_index)
+
+    video.clip_faces = spy
+    frames = _pan_clip(3)
+    anonymizer = tracking_anonymizer(video, secret="clip test secret", revalidate=False)
+    result = anonymize_clip(frames, anonymizer, batch_size=2)
+    assert len(calls) == 1
+    faces, frame_index, keys = calls[0]
+    assert faces == sum(len(r) for r in result.records) and frame_index == sorted(frame_index)
+    assert set(frame_index) == {0, 1, 2}
+    assert len(set(keys)) < faces  # tracks span frames: fewer keys than faces
+    for frame, out, records in zip(frames, result.frames, result.records, strict=True):
+        assert records and all(r.status == "anonymized" for r in records)
+        for record in records:
+            x1, y1, x2, y2 = (int(v) for v in record.box)
+            assert (frame[:, y1:y2, x1:x2] - out[:, y1:y2, x1:x2]).abs().mean() > 0.02

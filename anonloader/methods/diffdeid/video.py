@@ -109,6 +109,11 @@ class DiffDeIDVideo:
         return {"name": self.name, "image": self.image_method.config(), "network": self.network.config(),
                 "weights_sha256": self._weights_hash, "window": self.window}
 
+    def __call__(self, crops: torch.Tensor, conditions: FaceConditions) -> torch.Tensor:
+        """Faces outside a clip (single images): each is the first frame of its own track, so
+        the image method de-identifies it. ``crops``: ``F,3,S,S float32 in [0,1]``; returns the same."""
+        return self.image_method(crops, conditions)
+
     @staticmethod
     def tracks(conditions: FaceConditions) -> list[list[int]]:
         """Face indices grouped by identity key (in first-seen order); keyless faces alone."""
