@@ -13,6 +13,22 @@ cluster into a bank of 2K random identities), the process's peak RSS (data inclu
 number of clusters and the pairwise precision / recall against the true identities. The old
 algorithm (leader clustering, ``method="leader"``, one torch thread) runs only up to ``--old-max`` faces. The
 machine's load average is printed, since other jobs share its cores.
+
+Measured 2026-12-02 on the 2-core machine shared with 4 other jobs (load average 5-12, so
+wall time is 2-4x the CPU time / 2 an idle machine would take):
+
+    D    N          method  wall     CPU      peak RSS  clusters  precision  recall
+    128  10^4       leader   26.7 s    6.8 s  1.28 GiB    1581    1.0000     0.8962
+    128  10^4       graph     4.3 s    1.1 s  0.75 GiB    1281    1.0000     0.9543
+    128  10^5       graph    17.3 s    8.6 s  0.99 GiB   12580    1.0000     0.9607
+    128  10^6       graph   454.8 s  159.8 s  3.17 GiB  128305    1.0000     0.9573
+    512  10^4       leader   63.0 s   30.9 s  3.13 GiB    1655    1.0000     0.8880
+    512  10^4       graph     4.3 s    2.0 s  0.84 GiB    1263    1.0000     0.9609
+    512  10^5       graph    66.9 s   22.3 s  1.76 GiB   12518    1.0000     0.9624
+    512  10^6       graph   831.2 s  494.9 s  6.44 GiB  128175    1.0000     0.9576
+
+(10^4 graph searches exactly; 10^5 and up use faiss IVF, nprobe 8. The 128-d 10^6 row ran
+before the canonical rows were read on demand, i.e. with one more copy of the embeddings.)
 """
 
 from __future__ import annotations
