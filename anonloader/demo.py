@@ -96,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("out", type=Path, help="output folder")
     parser.add_argument("--method", default="blur", help="blur | pixelate | mask | fams | iddiffuse")
-    parser.add_argument("--detector", default="mtcnn")
+    parser.add_argument("--detector", default="default")
     parser.add_argument("--device", default="cpu")
     parser.set_defaults(run=_run)
 

@@ -320,7 +320,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("src", help="folder of images, video file, saved HF dataset folder, or hf:NAME")
     parser.add_argument("dst", help="output folder (or video file / saved dataset folder)")
     parser.add_argument("--method", default="blur", help="blur | pixelate | mask | fams | iddiffuse (default blur)")
-    parser.add_argument("--detector", default="mtcnn", help="mtcnn (default, offline) | scrfd")
+    parser.add_argument("--detector", default="default", help="default (CenterFace stage with recall passes) | fast | strong | mtcnn | centerface | ensemble | scrfd")
     parser.add_argument("--identity", choices=("auto", "none", "online", "track"), default="auto",
                         help="how real people map to synthetic ones (auto: track for videos, online for images when a secret is given)")
     parser.add_argument("--secret-file", default=None, help="file holding the identity-mapping secret (else $ANONLOADER_SECRET)")
