@@ -2,7 +2,7 @@
 
     python benchmarks/precompute.py --images 96
 
-Same N real-photo images (256x256, face boxes annotated, method blur, PNG cache); prints
+Same N real-photo images (256x256, face boxes annotated, method blur, the default lossless codec); prints
 images/s for each and the speed-up.
 """
 
@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _photos import AstronautCrops, face_annotations  # noqa: E402
 
+from anonloader.cache.codecs import DEFAULT_CODEC  # noqa: E402
 from anonloader.cache.precompute import precompute  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def main() -> None:
                                 workers=workers, batch_size=8, progress=False)
             rates[workers] = report.images_per_second
             print(f"workers={workers}: {report.computed} images in {report.seconds:.1f}s = {report.images_per_second:.1f} images/s", flush=True)
-        print(f"\n{args.images} images 256x256, method {args.method}, png codec, 1 torch thread per process, after a warm-up run")
+        print(f"\n{args.images} images 256x256, method {args.method}, {DEFAULT_CODEC} codec (the default), 1 torch thread per process, after a warm-up run")
         print(f"speed-up 2 processes / 1 process: {rates[2] / rates[1]:.2f}x")
     finally:
         shutil.rmtree(root, ignore_errors=True)

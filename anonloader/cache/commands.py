@@ -222,8 +222,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("source", help="a folder of images, pkg.module:factory, a saved HF dataset folder, or an HF dataset name")
     pre.add_argument("cache", type=Path, help="cache path (a folder; torchrun writes shards and manifest.json in it)")
     pre.add_argument("--split", default=None, help="split of a Hugging Face dataset (default train)")
-    pre.add_argument("--method", default="blur", help="blur | pixelate | mask | fams | iddiffuse")
-    pre.add_argument("--detector", default="mtcnn", help="mtcnn | scrfd | none (with --annotations)")
+    pre.add_argument("--method", default="blur", help="blur | pixelate | mask | fams | iddiffuse | diffdeid | diffprivacy")
+    pre.add_argument("--detector", default="default", help="default (CenterFace stage) | fast | strong | mtcnn | scrfd | none (with --annotations)")
     pre.add_argument("--annotations", default=None, help="pkg.module:function(sample) -> the sample's face boxes")
     pre.add_argument("--identity-label", default=None, help="pkg.module:function(sample) -> identity label")
     pre.add_argument(
