@@ -40,6 +40,10 @@ from anonloader.types import Detections
 
 __all__ = ["DetectorStage", "EnsembleDetector", "equalize_for_detection", "merge_detections"]
 
+#: views (downscaled copies, tiles, rotated or equalised copies) per detector call: batches
+#: stay large enough to amortise a call while the activations of a huge image's tiles stay bounded
+VIEWS_PER_CALL = 4
+
 PassMode = Literal["auto", "always", "off"]
 RotationMode = Literal["fallback", "always", "off"]
 
@@ -364,7 +368,9 @@ class DetectorStage:
         per_image: list[list[Detections]] = [[] for _ in range(n)]
         if not views:
             return per_image
-        found = self.detector([view.image for view in views])
+        found: list[Detections] = []
+        for start in range(0, len(views), VIEWS_PER_CALL):  # bounded memory: a 24 MP image has many tiles
+            found += self.detector([view.image for view in views[start : start + VIEWS_PER_CALL]])
         for view, detections in zip(views, found, strict=True):
             per_image[view.index].append(_map_back(detections, view))
         return per_image
