@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anonloader.detect.image_checks import check_images, empty_detections
-from anonloader.errors import ConfigError, DetectionError, ModelLoadError
+from anonloader.detect.image_checks import check_images, detect_by_size, empty_detections
+from anonloader.errors import ConfigError, ModelLoadError
 from anonloader.fingerprint import hash_file
 from anonloader.types import Detections
 
@@ -241,35 +241,7 @@ class CenterFaceDetector:
             DetectionError: the network failed on an image (the message names its index).
         """
         check_images(images, detector=self.name)
-        results: list[Detections | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, image in enumerate(images):
-            height, width = image.shape[-2:]
-            if height < 1 or width < 1:
-                results[index] = empty_detections(image.device)
-                continue
-            groups.setdefault((int(height), int(width)), []).append(index)
-        for indices in groups.values():
-            try:
-                found = self._detect_same_size([images[i] for i in indices])
-            except ModelLoadError:
-                raise
-            except Exception:  # noqa: BLE001 - rerun one by one to name the image that fails
-                found = [self._detect_one_named(images[i], i) for i in indices]
-            for index, detections in zip(indices, found):
-                results[index] = detections
-        return results  # type: ignore[return-value]
-
-    def _detect_one_named(self, image: torch.Tensor, index: int) -> Detections:
-        try:
-            return self._detect_same_size([image])[0]
-        except ModelLoadError:
-            raise
-        except Exception as error:  # noqa: BLE001 - backend errors become DetectionError
-            raise DetectionError(
-                f"CenterFace failed on image {index} of the batch (shape {tuple(image.shape)}): "
-                f"{type(error).__name__}: {error}; check the image or choose another detector"
-            ) from error
+        return detect_by_size(images, self._detect_same_size, detector="CenterFace")
 
     def _detect_same_size(self, images: list[torch.Tensor]) -> list[Detections]:
         """Run the network on images of one size; ``images`` are ``3,H,W float in [0,1]``."""

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from anonloader.detect.image_checks import check_images, empty_detections
-from anonloader.errors import ConfigError, DetectionError, ModelLoadError
+from anonloader.detect.image_checks import check_images, detect_by_size
+from anonloader.errors import ConfigError, ModelLoadError
 from anonloader.fingerprint import hash_file
 from anonloader.types import Detections
 
@@ -161,33 +161,7 @@ class MTCNNDetector:
             DetectionError: the cascade failed on an image (the message names its index).
         """
         check_images(images, detector=self.name)
-        results: list[Detections | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, image in enumerate(images):
-            height, width = image.shape[-2:]
-            if min(height, width) < self.min_face_size:
-                results[index] = empty_detections(image.device)
-                continue
-            groups.setdefault((height, width), []).append(index)
-        for indices in groups.values():
-            try:
-                found = self._detect_same_size([images[i] for i in indices])
-            except Exception:  # noqa: BLE001 - rerun one by one to name the image that fails
-                found = [self._detect_one_named(images[i], i) for i in indices]
-            for index, detections in zip(indices, found):
-                results[index] = detections
-        return results  # type: ignore[return-value]
-
-    def _detect_one_named(self, image: torch.Tensor, index: int) -> Detections:
-        try:
-            return self._detect_same_size([image])[0]
-        except ModelLoadError:
-            raise
-        except Exception as error:  # noqa: BLE001 - backend errors become DetectionError
-            raise DetectionError(
-                f"MTCNN failed on image {index} of the batch (shape {tuple(image.shape)}): "
-                f"{type(error).__name__}: {error}"
-            ) from error
+        return detect_by_size(images, self._detect_same_size, detector="MTCNN", min_side=self.min_face_size)
 
     def _detect_same_size(self, images: list[torch.Tensor]) -> list[Detections]:
         """Run the cascade on images of one size; ``images`` are ``3,H,W float in [0,1]``."""
