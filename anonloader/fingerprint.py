@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CACHE_FORMAT_VERSION", "canonical_json", "fingerprint_of", "hash_file", "hash_path"]
+__all__ = ["CACHE_FORMAT_VERSION", "canonical_json", "fingerprint_of", "hash_file", "hash_path", "state_hash"]
 
 #: Bumped whenever the bytes a cache stores for the same input would change (2: typed records
 #: without pickle, HMAC-authenticated values, training view stored with the sample).
@@ -66,4 +66,14 @@ def hash_path(path: str | os.PathLike[str]) -> str:
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(file.relative_to(root).as_posix().encode())
         digest.update(hash_file(file).encode())
+    return digest.hexdigest()
+
+
+def state_hash(module: Any) -> str:
+    """SHA-256 hex over a ``torch.nn.Module``'s state dict (names and raw bytes, sorted by name):
+    the weights digest of a network held in memory."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

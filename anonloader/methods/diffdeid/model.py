@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from anonloader.errors import ConfigError, MethodError, ModelLoadError
+from anonloader.fingerprint import state_hash
 from anonloader.identity.sampler import LatentIDSampler, derive_seed
 from anonloader.methods.diffdeid.conditions import (
     ContourRenderer,
@@ -61,13 +61,6 @@ _LDS_ID_FILE = "lds_id.pt"
 _LDS_SHAPE_FILE = "lds_shape.pt"
 
 
-def state_hash(module: nn.Module) -> str:
-    """SHA-256 over a module's state dict (names and float bytes, sorted by name)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def embed_faces(embedder: Any, crops: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from anonloader.errors import ConfigError, MethodError, ModelLoadError
+from anonloader.fingerprint import state_hash
 from anonloader.methods.iddiffuse.network import IDDiffuseNetwork
 from anonloader.types import FaceConditions
 
@@ -57,12 +58,6 @@ _CONFIG_FILE = "iddiffuse.json"
 _WEIGHTS_FILE = "model.safetensors"
 
 
-def _state_hash(module: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class IDDiffuse:
@@ -173,7 +168,7 @@ class IDDiffuse:
 
     def config(self) -> dict[str, Any]:
         if self._weights_hash is None:
-            self._weights_hash = _state_hash(self.network)
+            self._weights_hash = state_hash(self.network)
         bank = None if self.bank is None else self.bank.fingerprint()
         return {"name": self.name, "crop_size": self.crop_size, "template": self.template, **self._sampling(),
                 "network": self.network.config(), "weights_sha256": self._weights_hash, "bank": bank,
@@ -265,7 +260,7 @@ class IDDiffuse:
     def feature_config(self) -> dict[str, Any]:
         """What the E_I features depend on (stored in ``bank.meta["features"]``)."""
         if self._weights_hash is None:
-            self._weights_hash = _state_hash(self.network)
+            self._weights_hash = state_hash(self.network)
         return {"space": "iddiffuse/E_I", "crop_size": self.crop_size, "weights_sha256": self._weights_hash}
 
     def with_bank_features(self, bank: Any = None, batch_size: int = 64) -> Any:
