@@ -26,8 +26,8 @@ import hashlib
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ from anonloader.identity.base import IdentityAssigner
 from anonloader.methods import Method, get_method
 from anonloader.types import AlignedFaces, Detections, FaceConditions, FaceRecord
 
-__all__ = ["AnonymizationResult", "Anonymizer", "obscure_image"]
+__all__ = ["AnonymizationResult", "Anonymizer", "FaceKey", "obscure_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,20 @@ def _new_counters() -> Counter[str]:
     return Counter(dict.fromkeys(COUNTERS, 0))
 
 
+class FaceKey(NamedTuple):
+    """One face's recovery key from a recoverable method (``want_keys=True``).
+
+    Attributes:
+        key: the method's plaintext key (Diff-Privacy: a
+            :class:`~anonloader.methods.diffprivacy.keys.RecoveryKey`); encrypt it before it
+            leaves memory (:class:`~anonloader.methods.diffprivacy.store.RecoveryKeyStore`).
+        affine: ``2,3`` float32, image pixels -> crop pixels, as the face was aligned.
+    """
+
+    key: Any
+    affine: torch.Tensor
+
+
 @dataclass
 class AnonymizationResult:
     """What :meth:`Anonymizer.__call__` returns for a batch.
@@ -67,11 +81,17 @@ class AnonymizationResult:
             1/255 (so a uint8 round trip is exact), or ``None`` where the image was dropped.
         records: per input image, one :class:`FaceRecord` per detected face.
         errors: per input image, the reason it failed (``None`` when it did not).
+        keys: ``None`` unless the call asked for keys (``want_keys=True``); then per input
+            image one :class:`FaceKey` per anonymized face, in record order (second-round faces
+            of revalidation after the first), and ``[]`` for an image that failed closed, was
+            dropped or has no face. Keys are plaintext: they never enter records, reports or
+            logs, and are left out of ``repr``.
     """
 
     images: list[torch.Tensor | None]
     records: list[list[FaceRecord]]
     errors: list[str | None]
+    keys: list[list[FaceKey]] | None = field(default=None, repr=False)
 
 
 def obscure_image(image: torch.Tensor, cells: int = 12) -> torch.Tensor:
@@ -257,6 +277,7 @@ class Anonymizer:
         *,
         detections: Sequence[Detections] | None = None,
         labels: Sequence[Any] | None = None,
+        want_keys: bool = False,
     ) -> AnonymizationResult:
         """Anonymizes a batch.
 
@@ -265,13 +286,22 @@ class Anonymizer:
             detections: faces per image (pixels), e.g. from the dataset's annotations; when
                 given the detector is not run.
             labels: one identity label per image for the ``label`` identity strategy.
+            want_keys: also return each face's recovery key (``result.keys``); needs a method
+                with ``anonymize_with_keys`` built recoverable (Diff-Privacy). The output
+                pixels are the same as without keys.
 
         Raises:
+            ConfigError: ``want_keys`` with a method that gives no recovery keys.
             AnonymizationFailed: an image failed and ``on_error="raise"``.
             UnsupportedImageError: an image is not ``3,H,W float in [0,1]`` and
                 ``on_error="raise"``.
         """
         n = len(images)
+        if want_keys and not (callable(getattr(self.method, "anonymize_with_keys", None)) and getattr(self.method, "recoverable", True)):
+            raise ConfigError(
+                f"want_keys=True: method {self.method.name!r} gives no recovery keys (it needs anonymize_with_keys "
+                "and recoverable=True, e.g. method='diffprivacy')"
+            )
         if detections is not None and len(detections) != n:
             raise ConfigError(f"got {n} images but {len(detections)} detection lists")
         if labels is not None and len(labels) != n:
@@ -291,12 +321,16 @@ class Anonymizer:
         self._check_detections(found, errors, checked, given=detections is not None)
         records: list[list[FaceRecord]] = [[] for _ in range(n)]
         outputs: list[torch.Tensor | None] = list(checked)
+        keys: list[list[FaceKey]] | None = [[] for _ in range(n)] if want_keys else None
         ok = [i for i in range(n) if errors[i] is None and len(found[i]) > 0]
         if ok:
-            self._anonymize_faces(checked, found, ok, labels, outputs, records, errors)
+            self._anonymize_faces(checked, found, ok, labels, outputs, records, errors, keys)
         if self.revalidator is not None:
-            self._revalidate(found, labels, outputs, records, errors)
-        return self._apply_policies(checked, found, outputs, records, errors)
+            self._revalidate(found, labels, outputs, records, errors, keys)
+        result = self._apply_policies(checked, found, outputs, records, errors)
+        if keys is not None:  # fail closed: an image that failed, was dropped or obscured carries no key
+            result.keys = [k if result.errors[i] is None and result.images[i] is not None else [] for i, k in enumerate(keys)]
+        return result
 
     def _revalidate(
         self,
@@ -305,6 +339,7 @@ class Anonymizer:
         outputs: list[torch.Tensor | None],
         records: list[list[FaceRecord]],
         errors: list[str | None],
+        keys: list[list[FaceKey]] | None = None,
     ) -> None:
         """Detect on the outputs; a face overlapping no anonymized face gets a second round,
         and an image where one survives that fails closed (``errors`` set)."""
@@ -316,7 +351,7 @@ class Anonymizer:
         self.counters["revalidated"] += sum(len(missed[i]) for i in again)
         second: list[list[FaceRecord]] = [[] for _ in outputs]
         before = list(outputs)
-        self._anonymize_faces(before, missed, again, labels, outputs, second, errors)
+        self._anonymize_faces(before, missed, again, labels, outputs, second, errors, keys)
         survivors = self._residual_faces(outputs, [i for i in again if errors[i] is None], found, errors, missed)
         for i in again:
             found[i] = Detections(
@@ -459,6 +494,7 @@ class Anonymizer:
         outputs: list[torch.Tensor | None],
         records: list[list[FaceRecord]],
         errors: list[str | None],
+        keys: list[list[FaceKey]] | None = None,
     ) -> None:
         from anonloader.kernels.paste_back import paste_back
 
@@ -475,7 +511,8 @@ class Anonymizer:
             conditions = self._conditions(batch, aligned, faces, [labels[i] for i in ok] if labels else None)
             if hasattr(self.method, "clip_faces"):  # a video method sees the batch as one clip, in frame order
                 conditions.extra["frame_index"] = [ok[int(j)] for j in aligned.image_index]
-            generated = self._run_method(aligned.crops, conditions)
+            face_keys: list[Any] | None = [] if keys is not None else None
+            generated = self._run_method(aligned.crops, conditions, face_keys)
             pasted = paste_back(
                 batch,
                 generated,
@@ -487,7 +524,7 @@ class Anonymizer:
         except Exception as error:  # noqa: BLE001 - isolate the failing image, then fail closed
             if len(ok) > 1:  # one bad face must not cost the other images of the batch
                 for i in ok:
-                    self._anonymize_faces(images, found, [i], labels, outputs, records, errors)
+                    self._anonymize_faces(images, found, [i], labels, outputs, records, errors, keys)
                 return
             if self.on_error == "raise":
                 raise AnonymizationFailed(
@@ -510,6 +547,8 @@ class Anonymizer:
             outputs[i] = pasted[slot].to(images[i].device)  # type: ignore[union-attr]
             for f in range(len(found[i])):
                 records[i].append(_face_record(found[i], f, "anonymized", synthetic_id=conditions.synthetic_ids[face_cursor]))
+                if keys is not None and face_keys is not None:
+                    keys[i].append(FaceKey(face_keys[face_cursor], aligned.affines[face_cursor].detach().float().cpu()))
                 face_cursor += 1
 
     def _conditions(
@@ -549,9 +588,11 @@ class Anonymizer:
             landmarks=crop_landmarks,
         )
 
-    def _run_method(self, crops: torch.Tensor, conditions: FaceConditions) -> torch.Tensor:
+    def _run_method(self, crops: torch.Tensor, conditions: FaceConditions, keys: list[Any] | None = None) -> torch.Tensor:
+        """The method's output for ``crops``; with ``keys`` (a list), the method's
+        ``anonymize_with_keys`` runs instead and one key per crop is appended to it."""
         clip_faces = getattr(self.method, "clip_faces", None)
-        if clip_faces is not None and "frame_index" in conditions.extra:
+        if clip_faces is not None and "frame_index" in conditions.extra and keys is None:
             # a clip method keeps one identity and texture per track across the whole call
             frame_index = conditions.extra.pop("frame_index")
             with torch.no_grad():
@@ -570,7 +611,15 @@ class Anonymizer:
             )
             chunk = crops[start:stop]
             with torch.no_grad():
-                out = self.method(chunk, part)
+                if keys is None:
+                    out = self.method(chunk, part)
+                else:
+                    out, chunk_keys = self.method.anonymize_with_keys(chunk, part)  # type: ignore[attr-defined]
+                    if len(chunk_keys) != chunk.shape[0]:
+                        raise AnonymizationFailed(
+                            f"method {self.method.name!r} returned {len(chunk_keys)} recovery keys for {chunk.shape[0]} crops"
+                        )
+                    keys.extend(chunk_keys)
             self._check_method_output(out, chunk)
             outputs.append(out.clamp(0, 1))
         return torch.cat(outputs)

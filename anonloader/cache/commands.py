@@ -7,10 +7,14 @@
     anonloader cache stats ./faces.lmdb
     anonloader cache verify ./out            # every tag of every shard; never runs stored code
     anonloader cache merge ./out ./merged.lmdb
+    anonloader precompute ./images ./dp.lmdb --method diffprivacy --key-password-file ./pw  # recovery keys
+    anonloader cache recover ./dp.lmdb 17 ./face17.png --method-dir ./dp-msi --base-model ./sd15 --key-password-file ./pw
+    anonloader cache strip-keys ./dp.lmdb ./dp-nokeys.lmdb   # a copy without recovery.lmdb
 
 The secret is read from an environment variable (``--secret-env``, default
 ``ANONLOADER_SECRET``) or a file (``--secret-file``), never from the command line (where any
-user could read it in the process list). A cache precomputed with a secret is authenticated
+user could read it in the process list). So is the password of Diff-Privacy's recovery keys
+(``--key-password-file``, or ``$ANONLOADER_KEY_PASSWORD``). A cache precomputed with a secret is authenticated
 with it: ``cache stats | verify | merge`` need the same secret to read it.
 """
 
@@ -26,7 +30,7 @@ from typing import Any
 
 from anonloader.errors import CacheCorruptError, CacheError, CacheFingerprintError, ConfigError
 
-__all__ = ["main", "merge_caches", "register"]
+__all__ = ["main", "merge_caches", "register", "strip_keys"]
 
 
 def _secret(args: argparse.Namespace) -> str | bytes | None:
@@ -79,6 +83,7 @@ def _run_precompute(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
         progress=not args.quiet,
+        key_password_file=args.key_password_file,
         **options,
     )
     if int(os.environ.get("RANK", "0")) == 0:
@@ -202,6 +207,40 @@ def merge_caches(
             reader.close()
 
 
+def _run_recover(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from anonloader.cache.store import AnonCache
+    from anonloader.methods.diffprivacy import DiffPrivacy
+
+    method = DiffPrivacy(
+        args.method_dir,
+        base_model=args.base_model or args.method_dir,
+        **({"clip_model": args.clip_model} if args.clip_model else {}),
+        guidance_scale=0.0,
+        select="first",
+    )
+    with AnonCache(args.cache, secret=_secret(args)) as cache:
+        image = cache.recover(args.index, None, method, slot=args.slot, key_password_file=args.key_password_file)
+    array = image.clamp(0, 1).mul(255).round().to("cpu").byte().permute(1, 2, 0).numpy()
+    Image.fromarray(array).save(args.out)
+    print(f"{args.out}: sample {args.index} image {args.slot} with its faces recovered")
+    return 0
+
+
+def strip_keys(source: str | os.PathLike[str], destination: str | os.PathLike[str], *, secret: Any = None) -> dict[str, int]:
+    """A copy of the cache at ``source`` without its recovery keys (``recovery.lmdb``): every
+    entry, sample and failure record is copied and checked (:func:`merge_caches`), the key
+    store is not."""
+    return merge_caches([source], destination, secret=secret)
+
+
+def _run_strip_keys(args: argparse.Namespace) -> int:
+    counts = strip_keys(args.source, args.destination, secret=_secret(args))
+    print(f"{args.destination}: {counts['entries']} entries and {counts['samples']} samples copied without recovery keys")
+    return 0
+
+
 def _run_merge(args: argparse.Namespace) -> int:
     counts = merge_caches(args.sources, args.destination, secret=_secret(args))
     print(
@@ -244,6 +283,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("--on-no-face", choices=("keep", "drop", "obscure"), default="keep")
     pre.add_argument("--secret-env", default="ANONLOADER_SECRET", help="environment variable holding the secret")
     pre.add_argument("--secret-file", default=None, help="file holding the secret")
+    pre.add_argument(
+        "--key-password-file",
+        default=None,
+        help="file holding the recovery-key password (diffprivacy; or $ANONLOADER_KEY_PASSWORD)",
+    )
     pre.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pre.set_defaults(run=_run_precompute)
 
@@ -261,7 +305,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("sources", type=Path, nargs="+")
     merge.add_argument("destination", type=Path)
     merge.set_defaults(run=_run_merge)
-    for action in (stats, verify, merge):
+    recover = actions.add_parser("recover", help="put the original faces of one sample back (Diff-Privacy keys + password)")
+    recover.add_argument("cache", type=Path)
+    recover.add_argument("index", type=int, help="the sample's index in the source")
+    recover.add_argument("out", type=Path, help="output image (.png)")
+    recover.add_argument("--slot", type=int, default=0, help="which image of the sample (default 0)")
+    recover.add_argument("--method-dir", required=True, help="the Diff-Privacy weights directory (with msi/) the cache was made with")
+    recover.add_argument("--base-model", default=None, help="SD v1.x directory (default: --method-dir)")
+    recover.add_argument("--clip-model", default=None, help="CLIP ViT directory")
+    recover.add_argument("--key-password-file", default=None, help="file holding the key password (or $ANONLOADER_KEY_PASSWORD)")
+    recover.set_defaults(run=_run_recover)
+    strip = actions.add_parser("strip-keys", help="copy a cache without its recovery keys")
+    strip.add_argument("source", type=Path)
+    strip.add_argument("destination", type=Path)
+    strip.set_defaults(run=_run_strip_keys)
+    for action in (stats, verify, merge, recover, strip):
         action.add_argument("--secret-env", default="ANONLOADER_SECRET", help="environment variable holding the secret")
         action.add_argument("--secret-file", default=None, help="file holding the secret")
 

@@ -16,6 +16,15 @@ Engines:
 
 Resumable: samples whose record is already in the cache are skipped, so a killed run picks up
 where its last commit left it and no committed sample is computed twice.
+
+Recovery keys (a method with ``anonymize_with_keys`` built ``recoverable=True``: Diff-Privacy):
+``key_password=`` (or ``key_password_file=``, or ``$ANONLOADER_KEY_PASSWORD``) derives the key
+once in this process (:class:`~anonloader.methods.diffprivacy.store.RecoveryKeyStore`, its own
+LMDB ``<cache>/recovery.lmdb``); workers get only the derived cipher and encrypt each face's key
+(under the cache entry's key, hex) before it leaves them; the writer stores an entry's keys in
+the key store just before the commit that stores the entry. Training reads never open the key
+store. Without a password such a method is refused (build it with ``recoverable=False`` to
+write no keys). Local engine only.
 """
 
 from __future__ import annotations
@@ -225,6 +234,8 @@ class SampleJob:
     image_keys: Sequence[Hashable] | None = None
     annotations: Callable[[Any], Any] | None = None
     identity_label: Callable[[Any], Any] | None = None
+    #: the derived recovery-key cipher (a ``KeyCipher``, never the password), when keys are written
+    key_cipher: Any = None
 
     def _failed_input(self, sealer: Sealer, index: int, error: Exception) -> bytes:
         if self.on_error == "raise":
@@ -240,6 +251,31 @@ class SampleJob:
     def compute(self, index: int) -> bytes:
         """Sample ``index`` as :func:`~anonloader.cache.format.pack_result` bytes: its sealed
         entries, sample record and failure record (plain msgpack, no pickle)."""
+        return self.compute_with_keys(index)[0]
+
+    def _process(self, index: int, images: Sequence[Any], labels: Any, detections: Any) -> tuple[list[Any], list[list[Any]]]:
+        """The stage's output, plus each image's recovery keys when the job writes keys."""
+        if self.key_cipher is None:
+            processed = self.stage.process(index, images, labels, detections)
+            return processed, [[] for _ in processed]
+        from anonloader.data.stage import ProcessedImage
+        from anonloader.errors import AnonymizationFailed
+
+        try:  # PipelineStage.process, with the keys
+            result = self.stage.anonymizer([s.tensor for s in images], detections=detections, labels=labels, want_keys=True)
+        except AnonloaderError:
+            raise
+        except Exception as error:
+            raise AnonymizationFailed(
+                f"sample {index}: the pipeline failed ({type(error).__name__}: {error}); fix the cause, "
+                "or choose on_error='drop' to drop such samples"
+            ) from error
+        processed = [ProcessedImage(image, records, error) for image, records, error in zip(result.images, result.records, result.errors, strict=True)]
+        return processed, result.keys
+
+    def compute_with_keys(self, index: int) -> tuple[bytes, list[tuple[str, list[bytes]]]]:
+        """:meth:`compute`, plus ``(entry key hex, encrypted face keys)`` of every image with
+        recovery keys (empty unless the job writes keys)."""
         from PIL import Image
 
         from anonloader.cache.stage import content_with_conditions
@@ -250,12 +286,12 @@ class SampleJob:
             sample = self.dataset[index]
             prepared = prepare_sample(sample, index, self.image_keys, self.annotations, self.identity_label)
         except AnonloaderError as error:
-            return self._failed_input(sealer, index, error)
+            return self._failed_input(sealer, index, error), []
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             wrapped = InputError(f"the dataset could not produce the sample ({type(error).__name__}: {error})",
                                  index=index, source=source_path(self.dataset, index))
             wrapped.__cause__ = error
-            return self._failed_input(sealer, index, wrapped)
+            return self._failed_input(sealer, index, wrapped), []
         images, skeleton, labels, detections = prepared.images, prepared.skeleton, prepared.labels, prepared.detections
         keys = [
             cache_key(
@@ -265,7 +301,16 @@ class SampleJob:
             )
             for i, image in enumerate(images)
         ]
-        processed = self.stage.process(index, images, labels, detections)
+        processed, face_keys = self._process(index, images, labels, detections)
+        sealed: list[tuple[str, list[bytes]]] = []
+        if self.key_cipher is not None:
+            from anonloader.methods.diffprivacy.store import RecoveryKeyStore
+
+            feather = float(getattr(self.stage.anonymizer, "feather", 0.0))
+            for key, p, image_keys in zip(keys, processed, face_keys, strict=True):
+                if p.image is not None and p.error is None and image_keys:
+                    affines = torch.stack([k.affine for k in image_keys])
+                    sealed.append((key.hex(), RecoveryKeyStore.seal_entry(self.key_cipher, key.hex(), [k.key for k in image_keys], affines, feather)))
         stored, entries = [], []
         for slot, (key, p) in enumerate(zip(keys, processed, strict=True)):
             payload = b"" if p.image is None else self.codec.encode(p.image)
@@ -275,17 +320,20 @@ class SampleJob:
         try:
             record = SampleRecord(skeleton, keys, stored, [s.alpha for s in images]).pack(sealer, index)
         except InputError as error:  # a field of a type the cache cannot store
-            return self._failed_input(sealer, index, error)
+            return self._failed_input(sealer, index, error), []
         errors = [f"image {slot}: {p.error}" for slot, p in enumerate(processed) if p.error is not None]
         failure = None
         if errors:
             path = source_path(self.dataset, index)
             failure = FailureRecord(index, path, "; ".join(errors), "image").pack(sealer)
         dropped = any(p.image is None for p in processed)
-        return pack_result(index, entries, record, failure, dropped, bool(errors))
+        return pack_result(index, entries, record, failure, dropped, bool(errors)), sealed
 
-    def compute_many(self, indices: Sequence[int]) -> list[bytes]:
-        return [self.compute(i) for i in indices]
+    def compute_many(self, indices: Sequence[int]) -> list[Any]:
+        """``compute`` of each index; with recovery keys, ``compute_with_keys`` of each."""
+        if self.key_cipher is None:
+            return [self.compute(i) for i in indices]
+        return [self.compute_with_keys(i) for i in indices]
 
 
 @dataclass
@@ -327,16 +375,20 @@ def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(items[start : start + size])
 
 
-def write_results(cache: AnonCache, results: Iterable[bytes], report: PrecomputeReport) -> None:
+def write_results(cache: AnonCache, results: Iterable[Any], report: PrecomputeReport, keystore: Any = None) -> None:
     """Commits computed samples (:func:`~anonloader.cache.format.pack_result` bytes) in one
     transaction: entries, sample records, failure records; a sample that now succeeded has its
-    old failure record removed."""
+    old failure record removed. Results with recovery keys (``(bytes, sealed keys)`` pairs) have
+    their keys stored in ``keystore`` first, so no committed entry lacks its keys."""
     entries: list[tuple[bytes, bytes]] = []
     samples: list[tuple[int, bytes]] = []
     failures: list[tuple[int, bytes]] = []
     resolved: list[int] = []
+    sealed: list[tuple[str, list[bytes]]] = []
     count = 0
-    for packed in results:
+    for item in results:
+        packed, item_keys = item if isinstance(item, tuple) else (item, [])
+        sealed.extend(item_keys)
         index, pairs, sample, failure, dropped, failed = unpack_result(packed)
         count += 1
         entries.extend(pairs)
@@ -349,6 +401,10 @@ def write_results(cache: AnonCache, results: Iterable[bytes], report: Precompute
             resolved.append(index)
         report.dropped += int(dropped)
         report.failed += int(failed)
+    if sealed:
+        if keystore is None:
+            raise CacheError("computed recovery keys but no key store to write them to")
+        keystore.put_sealed(sealed)
     cache.write_encoded(entries, samples, failures, resolved)
     report.computed += count
 
@@ -362,20 +418,24 @@ def run_local(
     workers: int = 1,
     batch_size: int = 8,
     progress: Any = None,
+    keystore: Any = None,
 ) -> None:
-    """Computes ``pending`` samples with ``workers`` processes; this process writes."""
+    """Computes ``pending`` samples with ``workers`` processes; this process writes (and stores
+    recovery keys in ``keystore``)."""
     if workers <= 1 or len(pending) <= batch_size:
         for chunk in _chunks(pending, batch_size):
-            write_results(cache, job.compute_many(chunk), report)
+            write_results(cache, job.compute_many(chunk), report, keystore)
             if progress is not None:
                 progress.update(len(chunk))
         return
     cache.close()  # nothing LMDB stays open across the fork
+    if keystore is not None:
+        keystore.close()
     threads = max(1, torch.get_num_threads() // workers)
     context = mp.get_context("fork")
     with context.Pool(workers, initializer=_init_worker, initargs=(job, threads)) as pool:
         for results in pool.imap_unordered(_worker_compute, _chunks(pending, batch_size)):
-            write_results(cache, results, report)
+            write_results(cache, results, report, keystore)
             if progress is not None:
                 progress.update(len(results))
 
@@ -441,6 +501,7 @@ def fill_cache(
     batch_size: int,
     progress: bool,
     description: str = "precompute",
+    keystore: Any = None,
 ) -> None:
     """Computes every index of ``indices`` not yet in ``cache``, and retries every recorded
     failure (resume), with a progress bar."""
@@ -451,7 +512,30 @@ def fill_cache(
     if report.skipped:
         logger.info("%s: %d of %d samples already in %s, resuming", description, report.skipped, len(indices), cache.path)
     with tqdm(total=len(indices), initial=len(indices) - len(pending), desc=description, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        run_local(job, cache, pending, report, workers=workers, batch_size=batch_size, progress=bar)
+        run_local(job, cache, pending, report, workers=workers, batch_size=batch_size, progress=bar, keystore=keystore)
+
+
+def _key_secret(recoverable: bool, method: str, key_password: Any, key_password_file: Any) -> Any:
+    """The recovery-key password as a ``Secret`` when the method writes keys (``None`` otherwise)."""
+    if not recoverable:
+        if key_password is not None or key_password_file is not None:
+            raise ConfigError(
+                f"key_password was given but method {method!r} writes no recovery keys (it needs anonymize_with_keys "
+                "and recoverable=True); drop the password, or use method='diffprivacy'"
+            )
+        return None
+    from anonloader.errors import SecretError
+    from anonloader.methods.diffprivacy.crypto import Secret
+
+    try:
+        return Secret.from_sources(key_password, key_password_file)
+    except SecretError as error:
+        if key_password is None and key_password_file is None:
+            raise ConfigError(
+                f"method {method!r} is recoverable: its recovery keys need a password (key_password=, key_password_file= "
+                "or $ANONLOADER_KEY_PASSWORD; CLI --key-password-file); or build the method with recoverable=False to write none"
+            ) from None
+        raise error from None
 
 
 def precompute(
@@ -471,6 +555,8 @@ def precompute(
     limit: int | None = None,
     progress: bool = True,
     map_size: int = DEFAULT_MAP_SIZE,
+    key_password: Any = None,
+    key_password_file: str | os.PathLike[str] | None = None,
     **anonymizer_kwargs: Any,
 ) -> PrecomputeReport:
     """Anonymizes every sample of ``source`` into the cache at ``cache_path``.
@@ -494,6 +580,15 @@ def precompute(
         limit: only the first ``limit`` samples.
         progress: show a progress bar with rate and ETA.
         map_size: initial LMDB map size in bytes (it grows when full).
+        key_password, key_password_file: the password of the recovery keys (or
+            ``$ANONLOADER_KEY_PASSWORD``), needed by a recoverable method (Diff-Privacy with
+            ``recoverable=True``, its default; see the module docstring). It is used once to
+            derive the key and is never stored, logged or passed to workers.
+
+    Raises:
+        ConfigError: a recoverable method without a password, a password with a method that
+            writes no keys, or keys with an engine other than ``"local"``.
+        SecretError: the password does not open the cache's existing key store.
 
     Returns:
         A :class:`PrecomputeReport`; ``AnonCache(cache_path).as_dataset()`` then yields the
@@ -529,6 +624,10 @@ def precompute(
         dataset, anonymizer, cache_path, secret=secret, codec=get_codec(codec),
         image_keys=keys, annotations=annotations, identity_label=identity_label,
     )
+    recoverable = callable(getattr(anonymizer.method, "anonymize_with_keys", None)) and bool(getattr(anonymizer.method, "recoverable", False))
+    password = _key_secret(recoverable, anonymizer.method.name, key_password, key_password_file)
+    if password is not None and engine != "local":
+        raise ConfigError(f"recovery keys are written by the local engine only; use engine='local' (got {engine!r})")
     report = PrecomputeReport(str(cache_path), total=len(dataset), engine=engine)
     start = time.perf_counter()
     if engine == "torchrun":
@@ -547,9 +646,19 @@ def precompute(
         if (cache_path / "manifest.json").is_file():
             raise CacheError(f"{cache_path} is a sharded cache; resume it with the engine that made it (torchrun)")
         cache = open_for_job(job, cache_path, map_size=map_size)
+        keystore = None
         try:
-            fill_cache(job, cache, range(len(dataset)), report, workers=workers, batch_size=batch_size, progress=progress)
+            if password is not None:
+                from anonloader.methods.diffprivacy.store import RecoveryKeyStore
+
+                keystore = RecoveryKeyStore.create(cache_path, password, fingerprint=job.fingerprint, map_size=map_size)
+                job.key_cipher = keystore.cipher
+            del password
+            fill_cache(job, cache, range(len(dataset)), report, workers=workers, batch_size=batch_size, progress=progress, keystore=keystore)
         finally:
+            job.key_cipher = None
             cache.close()
+            if keystore is not None:
+                keystore.close()
     report.seconds = time.perf_counter() - start
     return report

@@ -563,6 +563,55 @@ class AnonCache:
         self.close()  # nothing stays open across the DataLoader's fork
         return CachedDataset(self, positions)
 
+    # -- recovery keys (Diff-Privacy) -------------------------------------------------------
+    def recover(
+        self,
+        index: int,
+        password: Any = None,
+        method: Any = None,
+        *,
+        slot: int = 0,
+        key_password_file: str | os.PathLike[str] | None = None,
+    ) -> torch.Tensor:
+        """Image ``slot`` of stored sample ``index`` with its original faces put back.
+
+        Opens the key store ``<cache>/recovery.lmdb`` (never opened by training reads) with
+        ``password`` (or ``key_password_file``, or ``$ANONLOADER_KEY_PASSWORD``), decrypts the
+        entry's face keys and regenerates the faces with ``method`` (the recoverable method the
+        cache was precomputed with, e.g. ``DiffPrivacy(weights_dir, ...)``); pixels outside the
+        anonymized faces stay the stored bytes.
+
+        Returns:
+            ``3,H,W float32 in [0,1]``.
+
+        Raises:
+            SecretError: no password, or the wrong one (checked before any key is read).
+            CacheMissError: the sample is not stored. CacheError: the image has no pixels
+                (dropped), the cache has no key store, or it is sharded.
+            ConfigError: ``method`` is missing or is not the one the keys were made with.
+        """
+        from anonloader.errors import ConfigError
+        from anonloader.methods.diffprivacy.recovery import recover_image
+        from anonloader.methods.diffprivacy.store import RecoveryKeyStore
+
+        if method is None or not callable(getattr(method, "recover", None)):
+            raise ConfigError("recover needs the recoverable method the cache was made with (e.g. method=DiffPrivacy(weights_dir, ...))")
+        if self.manifest is not None:
+            raise CacheError(f"{self.path} is sharded; recovery keys are written by the local engine into one cache")
+        record = self.get_sample(index)
+        if record is None:
+            raise CacheMissError(f"sample {index} is not in the cache {self.path}")
+        if not 0 <= slot < len(record.keys):
+            raise CacheError(f"sample {index} has {len(record.keys)} image(s); slot {slot} does not exist")
+        pixels = record.images[slot].pixels()
+        if pixels is None:
+            raise CacheError(f"sample {index} image {slot} was dropped (no pixels stored); there is nothing to recover into")
+        store = RecoveryKeyStore.open(self.path, password, key_password_file=key_password_file, fingerprint=self.fingerprint)
+        try:
+            return recover_image(method, store, record.keys[slot].hex(), pixels.float().div(255.0))
+        finally:
+            store.close()
+
     # -- whole-cache operations -------------------------------------------------------------
     def _iter_db(self, name: bytes) -> Iterator[tuple[Path, bytes, bytes]]:
         self._ensure()

@@ -177,17 +177,35 @@ class RecoveryKeyStore:
         with self.env.begin(write=True) as txn:
             txn.put(self._key(entry_key, face), blob)
 
+    @staticmethod
+    def seal_entry(cipher: KeyCipher, entry_key: str, keys: list[RecoveryKey], affines: Any, feather: float) -> list[bytes]:
+        """The encrypted blobs of one entry's face keys with their placement (what
+        :meth:`put_entry` stores); a worker process holding only the derived ``cipher`` seals
+        here, the writer stores with :meth:`put_sealed`."""
+        if len(keys) != len(affines):
+            raise ConfigError(f"cache entry {entry_key}: {len(keys)} recovery keys but {len(affines)} affines")
+        RecoveryKeyStore._key(entry_key, 0)  # refuses entry keys the layout cannot hold
+        return [cipher.encrypt(entry_key, f, key.with_placement(affines[f], feather).to_bytes()) for f, key in enumerate(keys)]
+
+    def put_sealed(self, entries: list[tuple[str, list[bytes]]]) -> None:
+        """Stores ``(entry key, blobs per face)`` from :meth:`seal_entry` in one transaction (an
+        entry's older face keys beyond its new count are removed)."""
+        if self.readonly:
+            raise CacheError(f"{self.path} is open read-only; open it with RecoveryKeyStore.create to write keys")
+        stale = [(entry_key, face) for entry_key, blobs in entries for face in self.faces(entry_key) if face >= len(blobs)]
+        with self.env.begin(write=True) as txn:
+            for entry_key, face in stale:
+                txn.delete(self._key(entry_key, face))
+            for entry_key, blobs in entries:
+                for f, blob in enumerate(blobs):
+                    txn.put(self._key(entry_key, f), blob)
+
     def put_entry(self, entry_key: str, keys: list[RecoveryKey], affines: Any, feather: float) -> None:
         """The cache's hook: stores every face key of one entry with its placement (``F,2,3``
         affines, image pixels -> crop pixels, and the paste-back feather) in one transaction."""
         if self.readonly:
             raise CacheError(f"{self.path} is open read-only; open it with RecoveryKeyStore.create to write keys")
-        if len(keys) != len(affines):
-            raise ConfigError(f"cache entry {entry_key}: {len(keys)} recovery keys but {len(affines)} affines")
-        blobs = [self.cipher.encrypt(entry_key, f, key.with_placement(affines[f], feather).to_bytes()) for f, key in enumerate(keys)]
-        with self.env.begin(write=True) as txn:
-            for f, blob in enumerate(blobs):
-                txn.put(self._key(entry_key, f), blob)
+        self.put_sealed([(entry_key, self.seal_entry(self.cipher, entry_key, keys, affines, feather))])
 
     def get_bytes(self, entry_key: str, face: int) -> bytes:
         """The decrypted key bytes of one face (:class:`SecretError` when authentication fails)."""
