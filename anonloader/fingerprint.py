@@ -70,10 +70,14 @@ def hash_path(path: str | os.PathLike[str]) -> str:
 
 
 def state_hash(module: Any) -> str:
-    """SHA-256 hex over a ``torch.nn.Module``'s state dict (names and raw bytes, sorted by name):
-    the weights digest of a network held in memory."""
+    """SHA-256 hex over a ``torch.nn.Module``'s state dict — names, dtypes, shapes and raw bytes
+    (any dtype, bfloat16 included; 0-d buffers too), sorted by name: the weights digest of a
+    network held in memory."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()

@@ -26,6 +26,7 @@ import torch
 
 from anonloader.errors import ModelLoadError
 from anonloader.fingerprint import hash_file
+from anonloader.fingerprint import state_hash as module_digest  # re-exported: digests of in-memory networks
 from anonloader.methods.fams.components import ClipInput
 from anonloader.methods.fams.weights import (
     own_aligned_memory,
@@ -161,17 +162,6 @@ class Backbone:
     def clip_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """``B,3,S,S float in [0,1]`` -> τ_θ's normalized input ``B,3,224,224`` (tiny: smaller)."""
         return self.clip_input(images).to(self.dtype)
-
-
-def module_digest(module: torch.nn.Module) -> str:
-    """SHA-256 over a module's state dict (names, dtypes, shapes, bytes; 0-d buffers such as
-    BatchNorm's step counter included), for networks that live only in memory."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        data = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------- loading
