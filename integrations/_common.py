@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
+from anonloader.data.adapters import as_keys
 from anonloader.errors import AnonloaderError, ConfigError, UnsupportedImageError
 
 __all__ = ["anonymize_sample", "as_keys", "build_stage", "resolve_anonymizer"]
@@ -104,13 +105,3 @@ def anonymize_sample(
             index=index,
         ) from error
     return out, processed
-
-
-def as_keys(keys: Hashable | Sequence[Hashable] | None) -> list[Hashable] | None:
-    """One key (a string or a position) or a list / tuple of keys -> a list, or None. A tuple
-    path such as ``("views", 1)`` is one key only inside a list: ``[("views", 1)]``."""
-    if keys is None:
-        return None
-    if isinstance(keys, (str, int)):
-        return [keys]
-    return list(keys)

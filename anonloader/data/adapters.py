@@ -89,6 +89,7 @@ __all__ = [
     "MIN_IMAGE_SIDE",
     "ImageSlot",
     "SourceImage",
+    "as_keys",
     "field_name",
     "image_layout",
     "iter_slots",
@@ -99,6 +100,16 @@ __all__ = [
 
 #: the smallest side (pixels) of an array that is taken for an image
 MIN_IMAGE_SIDE = 16
+
+
+def as_keys(keys: Hashable | Sequence[Hashable] | None) -> list[Hashable] | None:
+    """One key (a string or a position) or a list / tuple of keys -> a list, or None. A tuple
+    path such as ``("views", 1)`` is one key only inside a list: ``[("views", 1)]``."""
+    if keys is None:
+        return None
+    if isinstance(keys, (str, int)):
+        return [keys]
+    return list(keys)
 
 #: formats whose files carry a signature strong enough to tell them from other bytes
 ENCODED_FORMATS = frozenset(

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
-from anonloader.data.adapters import SourceImage, join_sample, split_sample
+from anonloader.data.adapters import SourceImage, as_keys, join_sample, split_sample
 from anonloader.data.stage import PipelineStage
 from anonloader.detect.annotations import check_detections, detections_from_annotations
 from anonloader.errors import (
@@ -380,7 +380,7 @@ def anonymize(
         from anonloader.cache.stage import CachedStage
 
         stage = CachedStage(stage, cache, mode=cache_mode, secret=secret)
-    keys = _as_keys(image_key)
+    keys = as_keys(image_key)
     is_map = hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and not isinstance(dataset, IterableDataset)
     kind = AnonymizedDataset if is_map else AnonymizedIterableDataset
     if not is_map and not hasattr(dataset, "__iter__"):
@@ -392,16 +392,6 @@ def anonymize(
         annotations,
         identity_label,
         anonymizer.on_error == "drop",
-        passthrough_keys=_as_keys(passthrough_keys),
+        passthrough_keys=as_keys(passthrough_keys),
         alpha_channel=alpha_channel,
     )
-
-
-def _as_keys(keys: Hashable | Sequence[Hashable] | None) -> list[Hashable] | None:
-    """One key (a string or a position) or a list / tuple of keys -> a list, or None. A tuple
-    path such as ``("views", 1)`` is one key only inside a list: ``[("views", 1)]``."""
-    if keys is None:
-        return None
-    if isinstance(keys, (str, int)):
-        return [keys]
-    return list(keys)
