@@ -587,7 +587,8 @@ class AnonCache:
         Raises:
             SecretError: no password, or the wrong one (checked before any key is read).
             CacheMissError: the sample is not stored. CacheError: the image has no pixels
-                (dropped), the cache has no key store, or it is sharded.
+                (dropped), its anonymized faces have no keys, the cache has no key store, or
+                it is sharded.
             ConfigError: ``method`` is missing or is not the one the keys were made with.
         """
         from anonloader.errors import ConfigError
@@ -608,7 +609,16 @@ class AnonCache:
             raise CacheError(f"sample {index} image {slot} was dropped (no pixels stored); there is nothing to recover into")
         store = RecoveryKeyStore.open(self.path, password, key_password_file=key_password_file, fingerprint=self.fingerprint)
         try:
-            return recover_image(method, store, record.keys[slot].hex(), pixels.float().div(255.0))
+            entry_key = record.keys[slot].hex()
+            entry = self.get(record.keys[slot])
+            anonymized = 0 if entry is None else sum(r.status == "anonymized" for r in entry.face_records())
+            if anonymized and not store.faces(entry_key):
+                raise CacheError(
+                    f"sample {index} image {slot} has {anonymized} anonymized face(s) but no recovery keys "
+                    "(written before a key password was given); rebuild those entries with precompute and "
+                    "key_password to make them recoverable"
+                )
+            return recover_image(method, store, entry_key, pixels.float().div(255.0))
         finally:
             store.close()
 
