@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from anonloader.detect.image_checks import check_images, detect_by_size, empty_detections
 from anonloader.errors import ConfigError, ModelLoadError
 from anonloader.fingerprint import hash_file
+from anonloader.onnx_sessions import is_current, new_session
 from anonloader.types import Detections
 
 __all__ = ["CenterFaceDetector", "batched_nms", "centerface_model_path"]
@@ -187,7 +188,7 @@ class CenterFaceDetector:
     # -- the session ------------------------------------------------------------------------
     def session(self) -> Any:
         """The onnxruntime session, built once per process."""
-        if self._session is None:
+        if not is_current(self._session):  # none yet, or inherited through fork: build this process's
             path = centerface_model_path()
             try:
                 import onnxruntime as ort
@@ -205,7 +206,7 @@ class CenterFaceDetector:
                 if providers is None:
                     available = ort.get_available_providers()
                     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-                self._session = ort.InferenceSession(_dynamic_model_bytes(path), options, providers=providers)
+                self._session = new_session(_dynamic_model_bytes(path), options, providers=providers)
             except ModelLoadError:
                 raise
             except Exception as error:  # noqa: BLE001 - any failure to build the session is a load error

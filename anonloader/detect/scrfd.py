@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from anonloader.detect.image_checks import check_images, empty_detections
 from anonloader.errors import ConfigError, DetectionError, ModelLoadError
+from anonloader.onnx_sessions import is_current, new_session
 from anonloader.fingerprint import hash_file
 from anonloader.types import Detections
 
@@ -293,15 +294,15 @@ class SCRFDDetector:
         }
 
     def _open_session(self) -> Any:
-        if self._session is None:
+        if not is_current(self._session):  # none yet, or inherited through fork
             try:
-                import onnxruntime
+                import onnxruntime  # noqa: F401 - fail early with ModelLoadError when it is missing
             except ImportError as error:
                 raise ModelLoadError(
                     "the SCRFD detector needs onnxruntime; run: pip install 'anonloader[insightface]'"
                 ) from error
             try:
-                session = onnxruntime.InferenceSession(str(self.model_file), providers=self.providers)
+                session = new_session(str(self.model_file), providers=self.providers)
             except Exception as error:  # noqa: BLE001 - unreadable or invalid model file
                 raise ModelLoadError(
                     f"onnxruntime could not open the SCRFD model {self.model_file} "

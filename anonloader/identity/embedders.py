@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from anonloader.errors import ConfigError, ModelLoadError
+from anonloader.onnx_sessions import is_current, new_session
 from anonloader.fingerprint import hash_file
 
 __all__ = ["ArcFaceEmbedder", "DlibEmbedder", "Embedder", "EMBEDDERS", "load_embedder"]
@@ -276,14 +277,14 @@ class ArcFaceEmbedder:
         return len(dims) == 4 and dims[1:] == [3, 112, 112] and out_dims == 2
 
     def _load(self) -> Any:
-        if self._session is None:
+        if not is_current(self._session):  # none yet, or inherited through fork
             try:
-                import onnxruntime
+                import onnxruntime  # noqa: F401 - fail early with ModelLoadError when it is missing
             except ImportError as error:
                 raise ModelLoadError("ArcFaceEmbedder needs onnxruntime: pip install 'anonloader[insightface]'") from error
             file = self.onnx_file()
             try:
-                self._session = onnxruntime.InferenceSession(str(file), providers=self.providers)
+                self._session = new_session(str(file), providers=self.providers)
             except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types
                 raise ModelLoadError(f"cannot load ArcFace model {file}: {error}") from error
             self.dim = int(self._session.get_outputs()[0].shape[-1])

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from anonloader.errors import ConfigError, MethodError, ModelLoadError
+from anonloader.onnx_sessions import new_session
 from anonloader.methods.diffdeid.network import RHO_PARTS
 
 __all__ = [
@@ -509,11 +510,11 @@ class OnnxFaceParser:
         if not self.path.is_file():
             raise ModelLoadError(f"face parser not found: {self.path}; pass the path of your local .onnx export")
         try:
-            import onnxruntime
+            import onnxruntime  # noqa: F401 - fail early with ModelLoadError when it is missing
         except ImportError as error:
             raise ModelLoadError("OnnxFaceParser needs onnxruntime: pip install onnxruntime") from error
         try:
-            self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+            self.session = new_session(str(self.path), providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"{self.path} is not a loadable ONNX model: {error}") from error
         self.face_classes, self.mouth_classes = [int(c) for c in face_classes], [int(c) for c in mouth_classes]
