@@ -214,7 +214,7 @@ class SampleJob:
 
     Attributes:
         dataset: the source (map-style).
-        stage: the pipeline stage (``process(index, images, labels, detections)``).
+        stage: the pipeline stage (:class:`~anonloader.data.stage.PipelineStage`).
         fingerprint: the pipeline fingerprint (hex).
         keys: the subkeys derived from the secret (key salt, MAC key) — never the secret.
         codec: how images are encoded.
@@ -255,23 +255,7 @@ class SampleJob:
 
     def _process(self, index: int, images: Sequence[Any], labels: Any, detections: Any) -> tuple[list[Any], list[list[Any]]]:
         """The stage's output, plus each image's recovery keys when the job writes keys."""
-        if self.key_cipher is None:
-            processed = self.stage.process(index, images, labels, detections)
-            return processed, [[] for _ in processed]
-        from anonloader.data.stage import ProcessedImage
-        from anonloader.errors import AnonymizationFailed
-
-        try:  # PipelineStage.process, with the keys
-            result = self.stage.anonymizer([s.tensor for s in images], detections=detections, labels=labels, want_keys=True)
-        except AnonloaderError:
-            raise
-        except Exception as error:
-            raise AnonymizationFailed(
-                f"sample {index}: the pipeline failed ({type(error).__name__}: {error}); fix the cause, "
-                "or choose on_error='drop' to drop such samples"
-            ) from error
-        processed = [ProcessedImage(image, records, error) for image, records, error in zip(result.images, result.records, result.errors, strict=True)]
-        return processed, result.keys
+        return self.stage.process_with_keys(index, images, labels, detections, want_keys=self.key_cipher is not None)
 
     def compute_with_keys(self, index: int) -> tuple[bytes, list[tuple[str, list[bytes]]]]:
         """:meth:`compute`, plus ``(entry key hex, encrypted face keys)`` of every image with

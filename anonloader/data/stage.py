@@ -68,8 +68,22 @@ class PipelineStage:
             AnonloaderError: what the pipeline raises; any other exception is wrapped in
                 :class:`~anonloader.errors.AnonymizationFailed` naming the sample (cause chained).
         """
+        return self.process_with_keys(index, images, labels, detections, want_keys=False)[0]
+
+    def process_with_keys(
+        self,
+        index: int,
+        images: Sequence[SourceImage],
+        labels: Sequence[Any] | None,
+        detections: Sequence[Detections] | None = None,
+        *,
+        want_keys: bool = True,
+    ) -> tuple[list[ProcessedImage], list[list[Any]]]:
+        """:meth:`process`, plus each image's recovery keys (a recoverable method's
+        :class:`~anonloader.pipeline.AnonymizationResult.keys`; empty lists without ``want_keys``)."""
         try:
-            result = self.anonymizer([s.tensor for s in images], detections=detections, labels=labels)
+            options = {"want_keys": True} if want_keys else {}
+            result = self.anonymizer([s.tensor for s in images], detections=detections, labels=labels, **options)
         except AnonloaderError:
             raise
         except Exception as error:
@@ -77,7 +91,9 @@ class PipelineStage:
                 f"sample {index}: the pipeline failed ({type(error).__name__}: {error}); fix the cause, "
                 "or choose on_error='drop' to drop such samples"
             ) from error
-        return [
+        processed = [
             ProcessedImage(image, records, error)
             for image, records, error in zip(result.images, result.records, result.errors, strict=True)
         ]
+        keys = result.keys if want_keys and result.keys is not None else [[] for _ in processed]
+        return processed, keys
