@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from anonloader.errors import ConfigError, MethodError, ModelLoadError
+from anonloader.errors import ConfigError, MethodError
 from anonloader.fingerprint import state_hash
 from anonloader.identity.sampler import LatentIDSampler, derive_seed
 from anonloader.methods.diffdeid.conditions import (
@@ -148,21 +148,13 @@ def save_network(network: DiffDeIDUNet, path: str | Path, extra: dict[str, Any] 
 def load_network(path: str | Path) -> tuple[DiffDeIDUNet, str, dict[str, Any]]:
     """(network, SHA-256 of ``model.safetensors``, the ``diffdeid.json`` dict) of a folder
     written by :func:`save_network` / :meth:`DiffDeID.save_pretrained`."""
-    from safetensors.torch import load_file
+    from anonloader.methods.checkpoint import load_network_checkpoint
 
-    path = Path(path)
-    config_path, weights_path = path / _CONFIG_FILE, path / _WEIGHTS_FILE
-    if not config_path.is_file() or not weights_path.is_file():
-        raise ModelLoadError(f"{path} is not a DiffDeID checkpoint: expected {_CONFIG_FILE} and {_WEIGHTS_FILE}")
-    meta = json.loads(config_path.read_text())
-    if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
-        raise ModelLoadError(f"{config_path} has format {meta.get('format')!r} v{meta.get('version')}; expected {_FORMAT} v{_FORMAT_VERSION}")
-    network = DiffDeIDUNet(meta["network"])
-    try:
-        network.load_state_dict(load_file(str(weights_path)))
-    except RuntimeError as exc:
-        raise ModelLoadError(f"weights in {weights_path} do not match the config in {config_path}: {exc}") from exc
-    return network, hashlib.sha256(weights_path.read_bytes()).hexdigest(), meta
+    network, digest, meta = load_network_checkpoint(
+        path, what="a DiffDeID", config_file=_CONFIG_FILE, weights_file=_WEIGHTS_FILE,
+        format_name=_FORMAT, version=_FORMAT_VERSION, build=DiffDeIDUNet,
+    )
+    return network, digest, meta  # type: ignore[return-value]
 
 
 class DiffDeID:

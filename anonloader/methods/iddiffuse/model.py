@@ -37,7 +37,6 @@ head, UNet — EMA weights when exported from training). The identity bank is se
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anonloader.errors import ConfigError, MethodError, ModelLoadError
+from anonloader.errors import ConfigError, MethodError
 from anonloader.fingerprint import state_hash
 from anonloader.methods.iddiffuse.network import IDDiffuseNetwork
 from anonloader.types import FaceConditions
@@ -126,21 +125,13 @@ class IDDiffuse:
     # ------------------------------------------------------------------ checkpoints
     @staticmethod
     def _load_network(path: Path) -> tuple[IDDiffuseNetwork, str]:
-        from safetensors.torch import load_file
+        from anonloader.methods.checkpoint import load_network_checkpoint
 
-        config_path, weights_path = path / _CONFIG_FILE, path / _WEIGHTS_FILE
-        if not config_path.is_file() or not weights_path.is_file():
-            raise ModelLoadError(f"{path} is not an IDDiffuse checkpoint: expected {_CONFIG_FILE} and {_WEIGHTS_FILE}")
-        meta = json.loads(config_path.read_text())
-        if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
-            raise ModelLoadError(f"{config_path} has format {meta.get('format')!r} v{meta.get('version')}; expected {_FORMAT} v{_FORMAT_VERSION}")
-        network = IDDiffuseNetwork(meta["network"])
-        try:
-            network.load_state_dict(load_file(str(weights_path)))
-        except RuntimeError as exc:
-            raise ModelLoadError(f"weights in {weights_path} do not match the config in {config_path}: {exc}") from exc
-        digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
-        return network, digest
+        network, digest, _ = load_network_checkpoint(
+            path, what="an IDDiffuse", config_file=_CONFIG_FILE, weights_file=_WEIGHTS_FILE,
+            format_name=_FORMAT, version=_FORMAT_VERSION, build=IDDiffuseNetwork,
+        )
+        return network, digest  # type: ignore[return-value]
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> IDDiffuse:
