@@ -169,9 +169,6 @@ class CenterFaceDetector:
         state["_session"] = None  # every process builds its own session
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
     def config(self) -> dict[str, Any]:
         """Everything that changes the detections: model hash, thresholds, input size."""
         return {

@@ -113,9 +113,6 @@ class MTCNNDetector:
         state["_nets"] = None  # every process builds its own networks
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
     def config(self) -> dict[str, Any]:
         """Everything that changes the detections: backend, weight hashes, thresholds, pyramid."""
         files = mtcnn_weight_files()

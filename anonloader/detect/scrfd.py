@@ -244,9 +244,6 @@ class SCRFDDetector:
         state["_session"] = None  # onnxruntime sessions do not pickle; each worker opens its own
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
     @property
     def model_file(self) -> Path:
         """The local ONNX file, downloading it first when missing and ``allow_download`` is set."""
