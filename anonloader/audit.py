@@ -20,7 +20,6 @@ is blurred beyond recognition (the box still drawn): the report never carries a 
 from __future__ import annotations
 
 import argparse
-import base64
 import html
 import os
 import sys
@@ -73,6 +72,8 @@ class AuditReport:
 
     def write_html(self, path: str | os.PathLike[str], *, title: str = "anonloader audit") -> Path:
         """Writes a self-contained HTML page (inline thumbnails, no external loads) to ``path``."""
+        from anonloader.commands.report import data_url
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         by_image: dict[str, list[ResidualFace]] = {}
@@ -80,7 +81,7 @@ class AuditReport:
             by_image.setdefault(face.image, []).append(face)
         rows = []
         for name, faces in by_image.items():
-            url = "data:image/jpeg;base64," + base64.b64encode(self.thumbnails.get(name, b"")).decode("ascii")
+            url = data_url(self.thumbnails.get(name, b""))
             listing = "<br>".join(
                 f"box {[round(v) for v in f.box]} score {f.score:.2f}" for f in faces
             )

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["FAILED_STATUSES", "ReportRow", "thumbnail", "write_report"]
+__all__ = ["FAILED_STATUSES", "ReportRow", "data_url", "thumbnail", "write_report"]
 
 THUMB_SIDE = 240
 #: how far a hidden face region reaches beyond its box, as a fraction of the box side (hair, ears)
@@ -109,7 +109,8 @@ def _blur_region(picture: Image.Image, box: Sequence[float]) -> None:
     picture.paste(patch.filter(ImageFilter.GaussianBlur(radius)), region[:2])
 
 
-def _data_url(jpeg: bytes) -> str:
+def data_url(jpeg: bytes) -> str:
+    """A ``data:image/jpeg;base64,...`` URL of JPEG bytes (the report inlines every image)."""
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
@@ -179,11 +180,11 @@ def write_report(
     body_rows = []
     for row in rows:
         failed = row.status in FAILED_STATUSES
-        after = f"<img alt='anonymized {esc(row.name)}' src='{_data_url(row.after)}'>" if row.after else "<em>dropped</em>"
+        after = f"<img alt='anonymized {esc(row.name)}' src='{data_url(row.after)}'>" if row.after else "<em>dropped</em>"
         body_rows.append(
             f"<tr class='image-row{' failed' if failed else ''}'>"
             f"<td class='mono'>{esc(row.name)}</td>"
-            f"<td><img alt='original {esc(row.name)}' src='{_data_url(row.before)}'></td>"
+            f"<td><img alt='original {esc(row.name)}' src='{data_url(row.before)}'></td>"
             f"<td>{after}</td>"
             f"<td class='faces'>{row.faces}</td>"
             f"<td class='status'>{esc(row.status)}</td></tr>"
