@@ -14,23 +14,25 @@ number of clusters and the pairwise precision / recall against the true identiti
 algorithm (leader clustering, ``method="leader"``, one torch thread) runs only up to ``--old-max`` faces. The
 machine's load average is printed, since other jobs share its cores.
 
-Measured 2026-12-02 on the 2-core machine shared with 4 other jobs (load average 5-12, so
-wall time is 2-4x the CPU time / 2 an idle machine would take):
+Measured 2026-12-02 on this 2-core machine with nothing else running (load average 1.4-1.9,
+i.e. the benchmark itself), ``python benchmarks/identity_cluster.py --full`` and
+``python benchmarks/identity_cluster.py --dim 512 [--sizes 1000000]``:
 
     D    N          method  wall     CPU      peak RSS  clusters  precision  recall
-    128  10^4       leader   26.7 s    6.8 s  1.28 GiB    1581    1.0000     0.8962
-    128  10^4       graph     4.3 s    1.1 s  0.75 GiB    1281    1.0000     0.9543
-    128  10^5       graph    17.3 s    8.6 s  0.99 GiB   12580    1.0000     0.9607
-    128  10^6       graph   454.8 s  159.8 s  3.17 GiB  128305    1.0000     0.9573
-    512  10^4       leader   63.0 s   30.9 s  3.13 GiB    1655    1.0000     0.8880
-    512  10^4       graph     4.3 s    2.0 s  0.84 GiB    1263    1.0000     0.9609
-    512  10^5       graph    66.9 s   22.3 s  1.76 GiB   12518    1.0000     0.9624
-    512  10^6       graph   831.2 s  494.9 s  6.44 GiB  128175    1.0000     0.9576
+    128  10^4       leader    6.8 s    6.7 s  1.19 GiB    1581    1.0000     0.8962
+    128  10^4       graph     0.5 s    0.8 s  0.59 GiB    1281    1.0000     0.9543
+    128  10^5       graph     4.9 s    8.1 s  0.80 GiB   12580    1.0000     0.9607
+    128  10^6       graph    94.9 s  165.4 s  2.58 GiB  128305    1.0000     0.9573
+    512  10^4       leader   25.7 s   25.5 s  2.34 GiB    1655    1.0000     0.8880
+    512  10^4       graph     0.9 s    1.6 s  0.67 GiB    1263    1.0000     0.9609
+    512  10^5       graph    12.1 s   21.2 s  1.50 GiB   12518    1.0000     0.9624
+    512  10^6       graph   274.9 s  500.3 s  6.29 GiB  128175    1.0000     0.9576
 
-(10^4 graph searches exactly; 10^5 and up use faiss IVF, nprobe 8. Every row but the last ran
-before the canonical rows were read on demand (CanonicalRows), with one more copy of the
-embeddings in memory; reading on demand costs 10.1 s instead of 8.6 s CPU at 128-d 10^5 and,
-at 512-d 10^6, peaks at 6.44 GiB where the earlier code was at 7.7 GiB RSS when stopped.)
+(10^4 graph searches exactly; 10^5 and up use faiss IVF, nprobe 8. Growth from 10^5 to 10^6:
+19x wall at 128-d, 23x at 512-d (IVF with nlist = 4 sqrt(N): N^1.5). The old leader
+clustering grows as N x clusters: 10^4 took 6.8 s / 25.7 s, so 10^6 faces of 10^5 people
+would take about 10^4 times that. Peak RSS includes the benchmark's own copy of the
+embeddings (2 GiB at 512-d 10^6).)
 """
 
 from __future__ import annotations
