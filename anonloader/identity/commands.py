@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 __all__ = ["register"]
@@ -26,6 +27,8 @@ def _run_embed(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.quiet,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(
         f"{store.path}: {len(store)} face embeddings ({store.dim}-d, {store.meta['recognizer'].get('name', 'recognizer')}) "
         f"of {store.meta['samples_total']} samples. SENSITIVE: raw biometric data of real people; keep it with the "
@@ -54,7 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument("--limit", type=int, default=None, help="only the first N samples")
     embed.add_argument("--image-key", default=None, help="dict key or tuple position of the image")
     embed.add_argument("--on-error", choices=("drop", "raise"), default="drop", help="a sample that cannot be read: skip it (warning) or stop")
-    embed.add_argument("--engine", choices=("local", "ray"), default="local")
+    embed.add_argument(
+        "--engine",
+        choices=("local", "ray", "torchrun"),
+        default="local",
+        help="torchrun: run as `torchrun --nproc_per_node N --no-python anonloader identity embed ... --engine torchrun`",
+    )
     embed.add_argument("--workers", type=int, default=1, help="Ray tasks at a time (engine ray)")
     embed.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     embed.set_defaults(run=_run_embed)

@@ -261,8 +261,10 @@ def embed_source(
         image_key: the image field of a sample (default: every image in it).
         on_error: ``"drop"``: a sample that cannot be read or detected is skipped with a
             warning; ``"raise"``: stop.
-        engine: ``"local"`` or ``"ray"`` (parts as Ray tasks, ``workers`` at a time; each task
-            writes its own part files, so the store must be on storage all tasks can reach).
+        engine: ``"local"``, ``"ray"`` (parts as Ray tasks, ``workers`` at a time) or
+            ``"torchrun"`` (run the command under ``torchrun``: rank ``r`` of ``w`` embeds the
+            parts ``p`` with ``p % w == r``, rank 0 finalizes after a barrier). Each task or rank
+            writes its own part files, so the store must be on storage all of them can reach.
     """
     from anonloader.cache.precompute import load_source
     from anonloader.detect import load_detector
@@ -270,6 +272,8 @@ def embed_source(
 
     if on_error not in ("drop", "raise"):
         raise ConfigError(f"on_error must be 'drop' or 'raise', got {on_error!r}")
+    if engine not in ("local", "ray", "torchrun"):
+        raise ConfigError(f"unknown engine {engine!r}; use 'local', 'ray' or 'torchrun'")
     if part_size < 1:
         raise ConfigError(f"part_size must be >= 1, got {part_size}")
     dataset = load_source(source)
@@ -292,6 +296,9 @@ def embed_source(
     logger.info("identity embed: %d parts, %d already done", parts, parts - len(todo))
     if engine == "ray":
         _embed_with_ray(dataset, store.path, todo, part_size, total, detector_obj, embedder, image_key, on_error, workers)
+    elif engine == "torchrun":
+        _embed_with_torchrun(dataset, store, todo, part_size, total, detector_obj, embedder, image_key, on_error, parts)
+        return store
     elif engine == "local":
         bar = None
         if progress:
@@ -306,7 +313,7 @@ def embed_source(
         if bar is not None:
             bar.close()
     else:
-        raise ConfigError(f"unknown engine {engine!r}; use 'local' or 'ray'")
+        raise ConfigError(f"unknown engine {engine!r}; use 'local', 'ray' or 'torchrun'")
     store.finalize(parts)
     return store
 
@@ -333,3 +340,26 @@ def _embed_with_ray(dataset: Any, path: Path, todo: list[int], part_size: int, t
             ray.get(ready)
         pending.append(run.remote(part, *refs))
     ray.get(pending)
+
+
+def _embed_with_torchrun(dataset: Any, store: EmbeddingStore, todo: list[int], part_size: int, total: int, detector: Any, embedder: Any, image_key: Any, on_error: str, parts: int) -> None:
+    """This rank's parts (``p % world_size == rank``), a barrier, then rank 0 finalizes; the
+    other ranks wait for it, so every rank returns a complete store."""
+    import torch.distributed as dist
+
+    from anonloader.integrations.torchrun_engine import process_group, rank_and_world_size
+
+    rank, world_size = rank_and_world_size()
+    with process_group():
+        for part in todo:
+            if part % world_size == rank:
+                indices = range(part * part_size, min((part + 1) * part_size, total))
+                store.write_part(part, *_embed_part(dataset, indices, detector, embedder, image_key, on_error))
+        if world_size > 1:
+            dist.barrier()
+        if rank == 0:
+            store.finalize(parts)
+        if world_size > 1:
+            dist.barrier()
+    if rank != 0:
+        store.meta = EmbeddingStore(store.path).meta

@@ -7,8 +7,10 @@ the same person, other pixels) and insightface's t1.jpg at half size (six people
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,9 +40,20 @@ def photos(tmp_path_factory, astronaut_pil, t1_pil) -> Path:
     return folder
 
 
-def test_embed_command_resumes_after_sigkill(photos, tmp_path):
-    assert main(["identity", "embed", str(photos), str(tmp_path / "clean"), "--part-size", "1", "-q"]) == 0
-    clean = EmbeddingStore(tmp_path / "clean")
+@pytest.fixture(scope="module")
+def clean(photos, tmp_path_factory) -> EmbeddingStore:
+    out = tmp_path_factory.mktemp("clean") / "store"
+    assert main(["identity", "embed", str(photos), str(out), "--part-size", "1", "-q"]) == 0
+    return EmbeddingStore(out)
+
+
+def _same_store(a: EmbeddingStore, b: EmbeddingStore) -> None:
+    assert a.content_hashes() == b.content_hashes()
+    assert np.array_equal(np.asarray(a.embeddings()), np.asarray(b.embeddings()))
+    assert np.array_equal(a.samples(), b.samples())
+
+
+def test_embed_command_resumes_after_sigkill(photos, clean, tmp_path):
     faces_per_sample = np.bincount(clean.samples()[:, 0], minlength=4).tolist()
     assert faces_per_sample[:3] == [1, 1, 1] and faces_per_sample[3] >= 5  # one astronaut each, t1's people
     embeddings = torch.from_numpy(np.asarray(clean.embeddings()))
@@ -64,7 +77,22 @@ def test_embed_command_resumes_after_sigkill(photos, tmp_path):
     done_before = EmbeddingStore(out).done_parts()
     assert 1 <= len(done_before) < 4
     assert main(["identity", "embed", str(photos), str(out), "--part-size", "1", "-q"]) == 0
-    resumed = EmbeddingStore(out)
-    assert resumed.content_hashes() == clean.content_hashes()
-    assert np.array_equal(np.asarray(resumed.embeddings()), np.asarray(clean.embeddings()))
-    assert np.array_equal(resumed.samples(), clean.samples())
+    _same_store(EmbeddingStore(out), clean)
+
+
+def test_embed_under_torchrun_two_ranks_equals_one_process(photos, clean, tmp_path):
+    out = tmp_path / "ranks"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        "-m", "anonloader.cli", "identity", "embed", str(photos), str(out), "--part-size", "1", "-q", "--engine", "torchrun",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("SENSITIVE") == 1  # rank 0 reports, once
+    parts = sorted(json.loads(p.read_text())["part"] for p in (out / "parts").glob("*.json"))
+    assert parts == [0, 1, 2, 3]
+    _same_store(EmbeddingStore(out), clean)
