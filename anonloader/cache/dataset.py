@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from anonloader.cache.format import SampleView
@@ -75,8 +76,10 @@ class CachedDataset(torch.utils.data.Dataset):
             images.append(pixels)
         skeleton = view.skeleton()
         alphas = view.alphas()
-        if alphas is None and _uint8_rgb_slots_only(skeleton):
-            return _fill_slots(skeleton, images)  # the stored uint8 pixels are the answer
+        if alphas is None:
+            filled = _fill_uint8_slots(skeleton, images)
+            if filled is not _NOT_UINT8:
+                return filled  # the stored uint8 pixels are the answer
         from anonloader.data.adapters import join_sample
 
         floats = None if alphas is None else [None if a is None else a.float().div_(255.0) for a in alphas]
@@ -93,40 +96,35 @@ class CachedDataset(torch.utils.data.Dataset):
         return out
 
 
-def _slots_in(value: Any, found: list[Any]) -> bool:
-    """Collects the image slots of a skeleton; False when it holds a container it cannot rebuild."""
-    from anonloader.data.adapters import ImageSlot
-
-    if isinstance(value, ImageSlot):
-        found.append(value)
-    elif isinstance(value, dict):
-        return all(_slots_in(v, found) for v in value.values())
-    elif isinstance(value, (tuple, list)):
-        return all(_slots_in(v, found) for v in value)
-    return True
+#: returned by :func:`_fill_uint8_slots` when a sample needs ``join_sample``
+_NOT_UINT8 = object()
 
 
-def _uint8_rgb_slots_only(skeleton: Any) -> bool:
-    """Whether every image slot is a ``3,H,W uint8`` tensor (restored without a float round trip)."""
-    slots: list[Any] = []
-    if not _slots_in(skeleton, slots) or not slots:
-        return False
-    return all(
-        s.kind == "tensor" and s.layout == "chw" and s.dtype == "uint8" and s.channels == 3 for s in slots
-    )
-
-
-def _fill_slots(skeleton: Any, images: list[torch.Tensor]) -> Any:
+def _fill_uint8_slots(skeleton: Any, images: list[torch.Tensor]) -> Any:
+    """The skeleton with each image slot replaced by its stored ``3,H,W uint8`` pixels, in one
+    walk; :data:`_NOT_UINT8` when a slot is another kind of image or a container is one
+    ``join_sample`` must rebuild (then the pixels go through it instead)."""
     from anonloader.data.adapters import ImageSlot
 
     def fill(value: Any) -> Any:
         if isinstance(value, ImageSlot):
-            return images[value.position]
+            if value.kind == "tensor" and value.layout == "chw" and value.dtype == "uint8" and value.channels == 3:
+                return images[value.position]
+            raise _NotUint8
         if isinstance(value, dict):
             return {k: fill(v) for k, v in value.items()}
         if isinstance(value, (tuple, list)):
             items = [fill(v) for v in value]
             return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-        return value
+        if isinstance(value, (str, bytes, int, float, bool, type(None), torch.Tensor, np.ndarray, np.generic)):
+            return value
+        raise _NotUint8
 
-    return fill(skeleton)
+    try:
+        return fill(skeleton) if images else _NOT_UINT8
+    except _NotUint8:
+        return _NOT_UINT8
+
+
+class _NotUint8(Exception):
+    """Raised inside :func:`_fill_uint8_slots`'s walk."""

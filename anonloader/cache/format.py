@@ -294,13 +294,27 @@ def _ext_hook(code: int, data: bytes) -> Any:
             return torch.from_numpy(np.frombuffer(raw, dtype="<i2").copy()).view(torch.bfloat16).reshape(shape)
         return torch.from_numpy(np.frombuffer(raw, dtype=_tensor_numpy_dtype(str(dtype))).astype(_native(dtype), copy=True)).reshape(shape)
     if code == _EXT_SLOT:
-        from anonloader.data.adapters import ImageSlot
-
-        return ImageSlot(**_unpack(data))
+        return _image_slot(data)
     if code == _EXT_NAMEDTUPLE:
         name, fields, items = _unpack(data)
         return _namedtuple_type(name, fields)(*items)
     raise ValueError(f"unknown typed-record extension {code}")
+
+
+_SLOTS: dict[bytes, Any] = {}
+
+
+def _image_slot(data: bytes) -> Any:
+    """The (frozen, hence shareable) ``ImageSlot`` packed as ``data``; the samples of a dataset
+    repeat a handful of slots, so each is decoded once per process."""
+    slot = _SLOTS.get(data)
+    if slot is None:
+        from anonloader.data.adapters import ImageSlot
+
+        if len(_SLOTS) >= 4096:
+            _SLOTS.clear()
+        slot = _SLOTS[data] = ImageSlot(**_unpack(data))
+    return slot
 
 
 _TENSOR_DTYPES: dict[str, np.dtype] = {}
@@ -407,16 +421,22 @@ class StoredImage:
     error: str | None
     codec: str | None
     payload: bytes | memoryview
+    #: ``payload`` is a slice of a buffer made for this read alone (:meth:`SampleView.open`
+    #: with ``copy``), so its pixels may be served without copying them again
+    owned: bool = field(default=False, repr=False, compare=False)
 
     @property
     def has_pixels(self) -> bool:
         return self.codec is not None and len(self.payload) > 0
 
     def pixels(self) -> torch.Tensor | None:
-        """``C,H,W uint8`` (a fresh tensor the caller owns), or ``None`` without pixels."""
+        """``C,H,W uint8`` the caller owns and may modify, or ``None`` without pixels."""
         if not self.has_pixels:
             return None
-        return _decoder(self.codec).decode(self.payload)  # type: ignore[arg-type]
+        decoder = _decoder(self.codec)  # type: ignore[arg-type]
+        if self.owned and hasattr(decoder, "adopt"):
+            return decoder.adopt(self.payload)
+        return decoder.decode(self.payload)
 
 
 @dataclass
@@ -580,7 +600,7 @@ class SampleView:
 
     __slots__ = ("_alphas", "_blob", "_skeleton_bytes", "failure", "images", "keys", "what")
 
-    def __init__(self, body: memoryview, what: str) -> None:
+    def __init__(self, body: memoryview, what: str, *, owned: bool = False) -> None:
         header, blob = _split_header(body, what)
         self.what = what
         try:
@@ -591,7 +611,7 @@ class SampleView:
             for (status, error, codec, offset, length), key in zip(images, self.keys, strict=True):
                 if offset < 0 or offset + length > len(blob):
                     raise ValueError("image span outside the record")
-                self.images.append(ImageView(key, StoredImage(status, error, codec, blob[offset : offset + length])))
+                self.images.append(ImageView(key, StoredImage(status, error, codec, blob[offset : offset + length], owned)))
             self._alphas = alphas
             self.failure = failure
         except (TypeError, ValueError) as error:
@@ -599,8 +619,14 @@ class SampleView:
         self._blob = blob
 
     @classmethod
-    def open(cls, sealer: Sealer, index: int, value: bytes | memoryview, what: str) -> SampleView:
-        return cls(sealer.open(SAMPLE_MAGIC, b"samples/" + index_key(index), value, what), what)
+    def open(cls, sealer: Sealer, index: int, value: bytes | memoryview, what: str, *, copy: bool = False) -> SampleView:
+        """The checked record. With ``copy``, ``value`` (e.g. a view of LMDB's map) is first
+        copied into a buffer this view owns, the tag is checked on that copy (the bytes checked
+        are the bytes served, and the check reads them from the CPU cache, not memory), and
+        ``raw`` pixels are served as tensors over the copy, without a second one."""
+        if copy:
+            value = memoryview(bytearray(value))
+        return cls(sealer.open(SAMPLE_MAGIC, b"samples/" + index_key(index), value, what), what, owned=copy)
 
     def skeleton(self) -> Any:
         """The typed skeleton (decoded on each call; cheap: it holds no pixels)."""

@@ -67,7 +67,7 @@ class CachedStage:
         secret: salts the keys and authenticates stored values; only the derived subkeys
             (:class:`CacheKeys`) are kept, so pickling the stage into workers never carries it.
         codec: how new entries are encoded when the cache is created from a path (default
-            ``"lz4"``).
+            ``"raw"``).
     """
 
     def __init__(

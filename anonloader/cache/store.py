@@ -220,7 +220,7 @@ class AnonCache:
         salt_check: the expected salt check, when only that is known (``keys.salt_check``
             otherwise).
         codec: how new images are encoded (see :func:`~anonloader.cache.codecs.get_codec`;
-            default ``"lz4"``, lossless); stored entries keep their own codec.
+            default ``"raw"``, lossless); stored entries keep their own codec.
         method: the method's name, stored in every entry's metadata.
         map_size: initial LMDB map size in bytes; it doubles whenever it fills up.
         readahead: LMDB readahead for readers (default off, see the module doc).
@@ -519,8 +519,8 @@ class AnonCache:
 
     def read_samples(self, positions: Sequence[tuple[int, int]], build: Callable[[int, SampleView | None], Any]) -> list[Any]:
         """``build(index, view)`` for each ``(sample index, shard number)``, in order, with one
-        read transaction per shard touched; ``view`` (or ``None`` when absent) is valid only
-        inside ``build`` (its payloads are views of the memory map)."""
+        read transaction per shard touched; ``view`` (or ``None`` when absent) owns a copy of
+        its record, checked on that copy (``SampleView.open(copy=True)``)."""
         self._ensure()
         out: list[Any] = [None] * len(positions)
         by_shard: dict[int, list[int]] = {}
@@ -534,7 +534,7 @@ class AnonCache:
                 for at in ats:
                     index = positions[at][0]
                     value = txn.get(index_key(index), db=db)
-                    view = None if value is None else SampleView.open(self.sealer, index, value, f"sample {index} in {shard.path}")
+                    view = None if value is None else SampleView.open(self.sealer, index, value, f"sample {index} in {shard.path}", copy=True)
                     out[at] = build(index, view)
 
             shard.read(run, buffers=True)

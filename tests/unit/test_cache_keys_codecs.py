@@ -65,7 +65,7 @@ def test_jpeg_is_close_and_quality_is_parsed(astronaut_image):
     decoded = codec.decode(codec.encode(image)).float() / 255
     assert (decoded - image).abs().mean() < 0.02
     assert len(get_codec("jpeg:50").encode(image)) < len(codec.encode(image))
-    assert get_codec("zstd:3").level == 3 and get_codec(None).name == DEFAULT_CODEC == "lz4"
+    assert get_codec("zstd:3").level == 3 and get_codec(None).name == DEFAULT_CODEC == "raw"
 
 
 def test_codec_errors():

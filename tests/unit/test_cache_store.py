@@ -156,9 +156,15 @@ def test_getitems_equals_per_item_reads_and_tensors_are_owned(tmp_path, astronau
         assert torch.equal(got["image"], one["image"]) and torch.equal(got["image"], (crops[i] * 255).round().to(torch.uint8))
         assert (got["label"], got["name"], got["extra"]) == (i, f"s{i}", (i, [1.5, None]))
         assert torch.equal(got["mask"], torch.arange(i + 1)) and torch.equal(got["mask"], one["mask"])
-    # the served pixels are the caller's: writing into one changes nothing stored
+    # the served pixels are the caller's: writing into one changes nothing stored, nor any other
+    # image served (each sample's pixels are a view of that read's own checked copy)
+    before = (tmp_path / "c" / "data.mdb").read_bytes()
     batch[0]["image"].fill_(7)
+    assert torch.equal(batch[5]["image"], (crops[0] * 255).round().to(torch.uint8))
+    assert torch.equal(batch[1]["image"], singles[1]["image"])
     assert torch.equal(dataset[4]["image"], (crops[4] * 255).round().to(torch.uint8))
+    assert (tmp_path / "c" / "data.mdb").read_bytes() == before
+    assert AnonCache(tmp_path / "c").verify().ok
 
 
 def test_shards_open_as_one_cache_and_merge(tmp_path, astronaut_image):
@@ -196,7 +202,7 @@ def test_shards_open_as_one_cache_and_merge(tmp_path, astronaut_image):
 def test_every_codec_is_recorded_per_entry(tmp_path, astronaut_image):
     image = _crops(astronaut_image, 1)[0]
     cache = AnonCache(tmp_path / "c", writable=True, fingerprint=FP)
-    assert cache.meta["codec"]["name"] == "lz4"  # the default
+    assert cache.meta["codec"]["name"] == "raw"  # the default
     for name in ("zstd", "lz4", "raw", "qoi", "png", "webp"):
         cache.codec = get_codec(name)
         cache.put(cache_key(name.encode(), FP), image)
