@@ -183,7 +183,10 @@ class Anonymizer:
             the module docstring): ``True`` (the ``"default"`` stage at CenterFace threshold
             :data:`REVALIDATE_MIN_SCORE`), a detector name or object, or ``False``.
         identity: an :class:`~anonloader.identity.base.IdentityAssigner` giving each face its
-            stable synthetic identity and seed; without one, seeds come from the crop's content.
+            stable synthetic identity and seed. ``None`` (default): the method's own default
+            when it has one (``method.default_identity()``; IDDiffuse with a bank: a keyed
+            assigner that needs ``$ANONLOADER_SECRET``, see :mod:`anonloader.methods.iddiffuse.model`),
+            else none. ``False``: none. Without an assigner, seeds come from the crop's content.
         on_error, on_no_face: fail-closed policies (see the module docstring).
         feather: width of the paste-back mask's soft edge, as a fraction of the crop side.
         color_match: match the generated face's colour statistics to the original's; ``None``
@@ -201,7 +204,7 @@ class Anonymizer:
         *,
         detector: str | Detector | None = "default",
         revalidate: bool | str | Detector = True,
-        identity: IdentityAssigner | None = None,
+        identity: IdentityAssigner | Literal[False] | None = None,
         on_error: OnError = "obscure",
         on_no_face: OnNoFace = "keep",
         feather: float = 0.1,
@@ -229,7 +232,9 @@ class Anonymizer:
             # blocks, mask edges) that score ~0.3 do not trigger second rounds; a real face the
             # detector missed scores far above it
             self.revalidator = load_detector("default", min_score=REVALIDATE_MIN_SCORE) if revalidate is True else load_detector(revalidate)
-        self.identity = identity
+        if identity is None and callable(getattr(self.method, "default_identity", None)):
+            identity = self.method.default_identity()  # type: ignore[attr-defined]
+        self.identity: IdentityAssigner | None = None if identity is False else identity
         self.on_error: OnError = on_error
         self.on_no_face: OnNoFace = on_no_face
         self.feather = float(feather)

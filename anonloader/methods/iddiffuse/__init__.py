@@ -8,9 +8,11 @@ modules from one config; presets), :mod:`.model` (the ``Method``), :mod:`.traini
 stages) and :mod:`.train` (command line).
 
 Deviations from the paper, and why: FaRL has no offline torch package here, so E_I defaults to
-ArcFace IResNet(s) (FaceNet optional); the mapper's Lightning module lives in :mod:`.training`
-so that inference does not import ``lightning``. Readings of ambiguous points are in each
-module's docstring. ``diffusers`` is imported by :mod:`.unet` and :mod:`.model`; ``lightning``
+one ArcFace IResNet (FaceNet optional: the paper's ensemble without FaRL); ``gamma`` blends the
+identity condition inside the UNet; the keyed identity mapping (on by default in the pipeline)
+recognizes people with dlib and ranks the bank by E_I — all in :mod:`.model`'s docstring, with
+how to get closer. The mapper's Lightning module lives in :mod:`.training` so that inference
+does not import ``lightning``. Readings of ambiguous points are in each module's docstring. ``diffusers`` is imported by :mod:`.unet` and :mod:`.model`; ``lightning``
 only by :mod:`.training` / :mod:`.train`.
 """
 

@@ -1,10 +1,34 @@
 """``IDDiffuse``: the anonymization method (``method="iddiffuse"``) around a trained network.
 
 Per face: the synthetic identity image x̂ (from ``conditions.extra["synthetic_images"]``, else
-``bank.images[conditions.synthetic_ids[i]]``, else — with a bank but no mapper —
-``bank.images[seed % len(bank)]``), its E_I feature, the E_t tokens of the real crop, and a
-DDIM (default) or DDPM sampler started from noise drawn from ``torch.Generator(seed)`` of that
-face alone, so a face's output depends only on its crop, identity and seed.
+``bank.images[conditions.synthetic_ids[i]]``, else — called without an assigner, e.g. directly
+or with ``Anonymizer(..., identity=False)`` — ``bank.images[seed % len(bank)]``), its E_I
+feature, the E_t tokens of the real crop, and a DDIM (default) or DDPM sampler started from
+noise drawn from ``torch.Generator(seed)`` of that face alone, so a face's output depends only
+on its crop, identity and seed.
+
+The same synthetic person for the same real person, by default: an
+:class:`~anonloader.pipeline.Anonymizer` given this method with a bank and no ``identity=``
+uses :meth:`IDDiffuse.default_identity` — a keyed ``"online"``
+:class:`~anonloader.identity.assigner.KeyedIdentityAssigner`: the recognizer (dlib, offline)
+links every face to the first face of the same person seen by the process, and the keyed
+mapper picks that person's synthetic identity among the :data:`DEFAULT_CANDIDATE_POOL` bank
+identities nearest in E_I space (paper sec. 3.2; :meth:`identity_features` as ``feature_fn``,
+the bank's E_I features computed once at construction unless saved with the bank), never one
+the recognizer takes for the real person. Two photos of one person therefore get one synthetic
+identity and one seed. The mapping is keyed by a secret the user supplies — ``$ANONLOADER_SECRET``
+(or ``$ANONLOADER_SECRET_FILE``, a file holding it), or ``default_identity(secret=...)`` passed
+as ``identity=`` — and :class:`~anonloader.errors.ConfigError` says so when none is set. No
+per-run random secret is made up: the promise is the same person *in every run*, and a fresh
+secret per run would break it (and change the pipeline fingerprint, so no cache would ever be
+reused). ``identity=False`` opts out (``seed % n`` above: each photo its own identity).
+
+Scope of the default: the online registry lives in the process. Faces seen by different
+DataLoader workers, Ray actors or machines are linked only through identical crops; for a
+dataset read in parallel, fit the ``"cluster"`` strategy over it first
+(:meth:`KeyedIdentityAssigner.fit`, or ``anonloader identity embed`` + ``EmbeddingStore.fit``)
+and pass that assigner, or give ``default_identity(registry_path=..., store=...)`` a persisted
+registry and table (with ``store_embeddings=True`` for returning people across runs).
 
 With ``synthetic_sets=<root>`` (a DCFace-style folder, one sub-folder of images per synthetic
 identity, the bank built from one image per sub-folder so that ``bank.names[i]`` is
@@ -13,11 +37,29 @@ identity's images the one nearest to the real crop in E_I space is used (paper s
 nearest synthetic image, so pose, expression and other non-identity attributes fit); the same
 real person keeps the same synthetic person.
 
-``gamma`` (paper sec. 4, Fig. 5a): the identity condition is ``(1-γ) E_I(x̂) + γ E_I(x)``;
-``gamma=0`` (default) is the full synthetic identity, ``gamma=1`` keeps the original.
+``gamma`` (paper sec. 4, Fig. 5a): ``gamma=0`` (default) is the full synthetic identity,
+``gamma=1`` keeps the original. Reading chosen (the paper writes the interpolation of the two
+identity features, ``(1-γ) E_I(x̂) + γ E_I(x)``, without saying where it enters the network):
+the blend is applied to what the feature becomes inside the UNet — the timestep term
+``(1-γ) W E_I(x̂) + γ W E_I(x)`` (equal to blending the features, the map is linear) and every
+attention layer's identity keys/values ``(1-γ) K(x̂) + γ K(x)`` (not equal to blending the
+features: the identity tokens pass a LayerNorm first). At ``gamma=1`` x̂ has no influence at all.
 ``guidance_scale`` > 1 applies classifier-free guidance against the null conditions.
 
-Choosing the synthetic identity near the real face (paper sec. 3.2): the bank gets E_I
+Remaining deviations from the paper, and how to get closer:
+
+- E_I's recognizers: the paper concatenates ArcFace, FaRL and FaceNet (3 x 512-d). The ``"paper"``
+  preset uses a single ArcFace IResNet-50; FaRL has no offline torch package. For the closest
+  ensemble, add FaceNet to the network config before training, e.g.
+  ``{"preset": "paper", "identity": {"recognizers": [<the IResNet-50 spec>, {"kind": "facenet",
+  "pretrained": "vggface2"}], "hidden_dims": [2048, 1024], "output_dim": 512}}`` (E_I's input
+  size follows the recognizers; :mod:`~anonloader.methods.iddiffuse.recognizers`).
+- The keyed mapping's recognizer (which real faces are one person, which bank identities look
+  like them) is dlib's ResNet, not E_I: E_I only ranks the bank by nearness.
+- The gamma reading above.
+
+Choosing the synthetic identity near the real face (paper sec. 3.2) with an assigner of your
+own (what :meth:`IDDiffuse.default_identity` builds, spelled out): the bank gets E_I
 features (:meth:`IDDiffuse.with_bank_features`) and the keyed assigner ranks the bank by the
 real face's E_I feature (:meth:`IDDiffuse.identity_features` as ``feature_fn``)::
 
@@ -44,19 +86,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from anonloader.errors import ConfigError, MethodError
+from anonloader.errors import ConfigError, MethodError, SecretError
 from anonloader.fingerprint import state_hash
 from anonloader.methods.iddiffuse.network import IDDiffuseNetwork
 from anonloader.types import FaceConditions
 
-__all__ = ["IDDiffuse"]
+__all__ = ["DEFAULT_CANDIDATE_POOL", "IDDiffuse"]
 
+#: how many bank identities nearest in E_I space the default assigner chooses among
+DEFAULT_CANDIDATE_POOL = 16
 _FORMAT = "anonloader-iddiffuse"
 _FORMAT_VERSION = 1
 _CONFIG_FILE = "iddiffuse.json"
 _WEIGHTS_FILE = "model.safetensors"
-
-
 
 
 class IDDiffuse:
@@ -121,6 +163,7 @@ class IDDiffuse:
         self.gamma, self.guidance_scale, self.eta = float(gamma), float(guidance_scale), float(eta)
         self.synthetic_sets = None if synthetic_sets is None else Path(synthetic_sets)
         self._set_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._featured: tuple[str, Any] | None = None  # (bank fingerprint, bank with E_I features)
 
     # ------------------------------------------------------------------ checkpoints
     @staticmethod
@@ -259,6 +302,83 @@ class IDDiffuse:
         mapper can choose synthetic identities near the real face (``candidate_pool``)."""
         bank = self.bank if bank is None else bank
         return bank.with_features(self.bank_features(bank, batch_size), self.feature_config())
+
+    def _bank_with_features(self) -> Any:
+        """This method's bank with E_I features of these weights: the bank itself when it holds
+        them already (``meta["features"]`` equal to :meth:`feature_config`), else a copy, computed
+        once per bank."""
+        bank = self.bank
+        if getattr(bank, "features", None) is not None and (bank.meta or {}).get("features") == self.feature_config():
+            return bank
+        if self._featured is None or self._featured[0] != bank.fingerprint():
+            self._featured = (bank.fingerprint(), self.with_bank_features(bank))
+        return self._featured[1]
+
+    def default_identity(
+        self,
+        *,
+        secret: Any = None,
+        secret_file: str | Path | None = None,
+        embedder: Any = "dlib",
+        candidate_pool: int = DEFAULT_CANDIDATE_POOL,
+        registry_path: str | Path | None = None,
+        store: str | Path | None = None,
+        store_embeddings: bool = False,
+    ) -> Any:
+        """The keyed identity assigner the pipeline uses when given none (module docstring).
+
+        Args:
+            secret, secret_file: the mapping secret; default ``$ANONLOADER_SECRET`` or the file
+                named by ``$ANONLOADER_SECRET_FILE``.
+            embedder: the recognizer that links faces of one person and keeps look-alikes out
+                (name or object); the bank's ``embeddings`` must be in its space.
+            candidate_pool: choose among this many bank identities nearest in E_I space (at most
+                the bank's size); needs the bank's images (E_I features of them).
+            registry_path, store, store_embeddings: persist the online registry and the mapping
+                table (see :class:`~anonloader.identity.assigner.KeyedIdentityAssigner`).
+
+        Returns:
+            a :class:`~anonloader.identity.assigner.KeyedIdentityAssigner` (``"online"``), or None
+            without a bank (then every face needs ``conditions.extra["synthetic_images"]``).
+
+        Raises:
+            ConfigError: no secret anywhere, or a bank whose embeddings are not in the
+                recognizer's space.
+        """
+        if self.bank is None:
+            return None
+        from anonloader.identity.assigner import KeyedIdentityAssigner
+        from anonloader.identity.embedders import load_embedder
+        from anonloader.identity.mapper import SECRET_ENV, SECRET_FILE_ENV, resolve_secret
+
+        try:
+            root = resolve_secret(secret, secret_file)
+        except SecretError as error:
+            raise ConfigError(
+                "IDDiffuse keeps one synthetic identity per real person with a keyed mapping, and no secret was "
+                f"given: set {SECRET_ENV} to a random value you keep (e.g. `python -c 'import secrets; "
+                f"print(secrets.token_hex(32))'`) or {SECRET_FILE_ENV} to a file holding it, or pass "
+                "identity=model.default_identity(secret_file=...) or an identity assigner of your own; "
+                "identity=False gives up stable identities (each photo its own)"
+            ) from error
+        embedder = load_embedder(embedder)
+        recorded = ((self.bank.meta or {}).get("recognizer") or {}).get("name")
+        if (recorded is not None and recorded != embedder.name) or int(self.bank.dim) != int(embedder.dim):
+            raise ConfigError(
+                f"the IDDiffuse bank's embeddings ({self.bank.dim}-d, recognizer {recorded or 'not recorded'}) are not in "
+                f"the space of the recognizer {embedder.name!r} ({embedder.dim}-d) that keys the default identity mapping: "
+                f"build the bank with it (IdentityBank.from_folder(folder, load_embedder({embedder.name!r})) or "
+                "anonloader bank build) or pass default_identity(embedder=<the bank's recognizer>)"
+            )
+        options: dict[str, Any] = {}
+        bank = self.bank
+        if getattr(bank, "images", None) is not None:  # nearness in E_I space needs the bank's faces
+            bank = self._bank_with_features()
+            options = {"feature_fn": self.identity_features, "candidate_pool": max(1, min(int(candidate_pool), len(bank)))}
+        return KeyedIdentityAssigner(
+            "online", secret=root, bank=bank, embedder=embedder, registry_path=registry_path, store=store,
+            store_embeddings=store_embeddings, **options,
+        )
 
     def _make_scheduler(self) -> Any:
         from diffusers import DDIMScheduler, DDPMScheduler
