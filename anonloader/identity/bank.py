@@ -4,11 +4,17 @@ A bank holds, per synthetic identity, a recognizer embedding (``N,D`` L2-normali
 the mapper compares real faces in) and optionally an aligned face image (``N,3,S,S``) that
 face-swap style methods condition on. Sources:
 
-- :meth:`IdentityBank.from_folder`: a folder of synthetic face images (e.g. DCFace's aligned
-  112x112 outputs), one identity per image;
+- :meth:`IdentityBank.from_folder`: a folder of synthetic face images, one identity per image:
+  generated photos detected and aligned like the pipeline does it, or (``aligned=True``) crops
+  aligned already (e.g. DCFace's 112x112 outputs);
 - :meth:`IdentityBank.from_sampler`: DiffDeID's latent ID sampler (embeddings, plus 3DMM α'
   ``coefficients`` with its ``shape_sampler``);
 - :meth:`IdentityBank.from_method`: a method's own samples from seeded generation.
+
+Every source keeps identities apart: near-duplicates (recognizer cosine ``>= threshold`` to an
+identity kept before) are dropped, and with a *deny list* (``avoid=``: recognizer embeddings of
+real faces, e.g. from :func:`embed_photos` on the dataset's own photos) so is every face within
+the threshold of a real one, so that no synthetic identity is a real person to the recognizer.
 
 Optionally a bank also holds ``features`` (``N,D'``): each identity in an *attribute space*
 other than the recognizer's, e.g. IDDiffuse's E_I (paper sec. 3.2: the synthetic identity is
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,9 +43,164 @@ from PIL import Image
 
 from anonloader.errors import ConfigError, IdentityError
 
-__all__ = ["IMAGE_SUFFIXES", "IdentityBank"]
+__all__ = ["IMAGE_SUFFIXES", "IdentityBank", "embed_crops", "embed_photos", "face_crops", "image_files"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+logger = logging.getLogger(__name__)
+
+
+def image_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The image files under ``folder`` (recursive, sorted); :class:`IdentityError` when none."""
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise IdentityError(f"no face images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
+    return files
+
+
+def _read_photo(path: Path) -> torch.Tensor:
+    """``3,H,W float32 in [0,1]`` of an image file."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, ValueError) as error:
+        raise IdentityError(f"cannot read the image {path}: {error}; remove or replace it") from error
+    return torch.from_numpy(array).permute(2, 0, 1).float() / 255.0
+
+
+def embed_crops(crops: torch.Tensor, embedder: Any, template: str | None = None, *, batch_size: int = 32) -> torch.Tensor:
+    """Recognizer embeddings of aligned crops.
+
+    Args:
+        crops: ``F,3,S,S float in [0,1]`` faces aligned with ``template``.
+        embedder: a recognizer (:mod:`anonloader.identity.embedders`).
+        template: the crops' template; None or the embedder's own: embedded as they are, else
+            re-aligned to the embedder's template and crop size first (a method's output, e.g.
+            FAMS's ``ffhq`` crops, for a recognizer that wants ``arcface``).
+
+    Returns:
+        ``F,D float32`` L2-normalised.
+    """
+    from anonloader.align import align_faces, template_points
+    from anonloader.types import Detections
+
+    crops = crops.detach().float().cpu().clamp(0, 1)
+    if template is not None and template != str(embedder.template):
+        size = crops.shape[-1]
+        landmarks = template_points(size, template).unsqueeze(0)
+        detections = [Detections(torch.zeros(1, 4), landmarks, torch.ones(1)) for _ in range(crops.shape[0])]
+        crops = align_faces(
+            list(crops), detections, crop_size=int(embedder.crop_size), template=str(embedder.template),
+            margin=float(getattr(embedder, "margin", 0.0)),
+        ).crops.clamp(0, 1)
+    if len(crops) == 0:
+        return torch.zeros(0, int(embedder.dim))
+    out = torch.cat([embedder(crops[i : i + batch_size]).float() for i in range(0, len(crops), batch_size)])
+    return torch.nn.functional.normalize(out, dim=1)
+
+
+def _faces_of_photo(image: torch.Tensor, detector: Any, crop_size: int, embedder: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``K,3,S,S`` crops aligned for ``embedder``, ``K`` scores) of every face ``detector`` finds."""
+    from anonloader.align import align_faces
+
+    faces = detector([image])[0]
+    if len(faces) == 0:
+        return torch.zeros(0, 3, crop_size, crop_size), torch.zeros(0)
+    aligned = align_faces(
+        [image], [faces], crop_size=crop_size, template=str(embedder.template), margin=float(getattr(embedder, "margin", 0.0)),
+    )
+    return aligned.crops.clamp(0, 1), faces.scores.float().cpu()
+
+
+def face_crops(
+    photos: str | os.PathLike[str] | Sequence[torch.Tensor], crop_size: int, template: str, *, detector: Any = "default", margin: float = 0.0
+) -> torch.Tensor:
+    """Every face in photos, detected by the pipeline's detector and aligned.
+
+    Args:
+        photos: a folder of images (recursive), or ``3,H,W float in [0,1]`` photos.
+        crop_size, template, margin: the alignment (:func:`anonloader.align.align_faces`).
+        detector: name or object.
+
+    Returns:
+        ``M,3,S,S float32 in [0,1]``, photos in order, faces in detection order.
+
+    Raises:
+        IdentityError: no face in any photo.
+    """
+    from anonloader.align import align_faces
+    from anonloader.detect import load_detector
+
+    found = load_detector(detector)
+    sources = image_files(photos) if isinstance(photos, (str, os.PathLike)) else list(photos)
+    crops = []
+    for source in sources:
+        image = _read_photo(source) if isinstance(source, Path) else source.detach().float().cpu()
+        faces = found([image])[0]
+        if len(faces):
+            crops.append(align_faces([image], [faces], crop_size=crop_size, template=template, margin=margin).crops.clamp(0, 1))
+    if not crops:
+        raise IdentityError(f"the detector found no face in the {len(sources)} photo(s); check the photos or the detector")
+    return torch.cat(crops)
+
+
+def embed_photos(
+    photos: str | os.PathLike[str] | Sequence[torch.Tensor], embedder: Any, *, detector: Any = "default"
+) -> torch.Tensor:
+    """Recognizer embeddings of every face in real photos: a deny list for the bank builders.
+
+    Args:
+        photos: a folder of images (recursive), or ``3,H,W float in [0,1]`` photos.
+        embedder: the recognizer of the bank.
+        detector: the pipeline's detector (name or object) that finds and aligns the faces.
+
+    Returns:
+        ``M,D float32`` L2-normalised, every face of every photo (a photo may show several people).
+
+    Raises:
+        IdentityError: no face in any photo (the deny list would be empty by mistake).
+    """
+    crops = face_crops(photos, int(embedder.crop_size), str(embedder.template), detector=detector, margin=float(getattr(embedder, "margin", 0.0)))
+    return embed_crops(crops, embedder)
+
+
+def _deny_list(avoid: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+    """``M,D`` normalised deny-list embeddings, or None; :class:`ConfigError` on another space."""
+    if avoid is None or len(avoid) == 0:
+        return None
+    avoid = torch.as_tensor(avoid).detach().float().cpu()
+    if avoid.ndim != 2 or avoid.shape[1] != dim:
+        raise ConfigError(
+            f"avoid= must be M,{dim} embeddings of real faces by the bank's recognizer, got {tuple(avoid.shape)}; "
+            "embed real photos with anonloader.identity.bank.embed_photos(folder, embedder)"
+        )
+    return torch.nn.functional.normalize(avoid, dim=1)
+
+
+def _deny_meta(denied: torch.Tensor | None) -> dict[str, Any]:
+    digest = None if denied is None else hashlib.sha256(denied.numpy().astype("<f4").tobytes()).hexdigest()
+    return {"count": 0 if denied is None else int(denied.shape[0]), "sha256": digest}
+
+
+class _Keeper:
+    """Greedy admission: a face is kept when its cosine to every kept face (``distinct``) and
+    to every denied face stays below ``threshold``; counts what it rejects."""
+
+    def __init__(self, threshold: float, denied: torch.Tensor | None, distinct: bool) -> None:
+        self.threshold, self.denied, self.distinct = float(threshold), denied, distinct
+        self.kept: list[torch.Tensor] = []
+        self.rejected = {"duplicate": 0, "denied": 0}
+
+    def admit(self, vector: torch.Tensor) -> bool:
+        if self.denied is not None and float((self.denied @ vector).max()) >= self.threshold:
+            self.rejected["denied"] += 1
+            return False
+        if self.distinct and self.kept and float((torch.stack(self.kept) @ vector).max()) >= self.threshold:
+            self.rejected["duplicate"] += 1
+            return False
+        self.kept.append(vector)
+        return True
 
 
 def _load_image(path: Path, size: int) -> torch.Tensor:
@@ -188,27 +350,86 @@ class IdentityBank:
         embedder: Any,
         crop_size: int = 112,
         *,
+        aligned: bool = False,
+        detector: Any = "default",
         batch_size: int = 32,
         keep_images: bool = True,
         distinct: bool = True,
+        avoid: torch.Tensor | None = None,
+        n: int | None = None,
     ) -> IdentityBank:
         """One identity per image file in ``folder`` (sorted, recursive).
 
-        Images must be aligned faces in the embedder's template (DCFace and similar generators
-        write arcface-aligned 112x112 images); they are resized to ``crop_size``. With
-        ``distinct``, an image within the recognizer threshold of an earlier one is left out
-        (it is the same synthetic person to the recognizer).
+        Args:
+            folder: synthetic face images.
+            embedder: the recognizer whose space the bank's embeddings are in.
+            crop_size: side of the stored images.
+            aligned: False (default): each file is a photo of a generated face; the pipeline's
+                ``detector`` finds it (the most confident face of the file) and it is aligned to
+                the embedder's template, as the pipeline aligns faces for its recognizer. Files
+                where no face is found are left out (named in ``meta["no_face"]``). True: the
+                files are aligned crops in the embedder's template already (DCFace and similar
+                generators write arcface-aligned 112x112 images), resized to ``crop_size``.
+            detector: name or object of the detector (``aligned=False``).
+            batch_size: crops per recognizer call.
+            keep_images: store the aligned images (methods that swap faces need them).
+            distinct: leave out an image within the recognizer threshold of an earlier one (it
+                is the same synthetic person to the recognizer).
+            avoid: ``M,D`` recognizer embeddings of real faces (a deny list, e.g.
+                :func:`embed_photos`); an image within the threshold of one is left out.
+            n: keep at most this many identities (the first in file order), or all.
+
+        Returns:
+            the bank; its images (``N,3,S,S float32 in [0,1]``) are in the embedder's template,
+            recorded in ``meta["template"]``.
+
+        Raises:
+            IdentityError: no image, or no image left.
         """
         root = Path(folder)
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not files:
-            raise IdentityError(f"no face images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
-        images = torch.stack([_load_image(p, crop_size) for p in files])
-        embeddings = torch.cat([embedder(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-        names = [p.relative_to(root).as_posix() for p in files]
-        keep = _distinct_rows(embeddings, embedder.threshold) if distinct else list(range(len(files)))
-        meta = {"source": "folder", "recognizer": embedder.config(), "crop_size": crop_size, "dropped_duplicates": len(files) - len(keep)}
-        return cls(embeddings[keep], images[keep] if keep_images else None, [names[i] for i in keep], meta)
+        files = image_files(root)
+        names_all = [p.relative_to(root).as_posix() for p in files]
+        no_face: list[str] = []
+        if aligned:
+            images = torch.stack([_load_image(p, crop_size) for p in files])
+            names = names_all
+        else:
+            from anonloader.detect import load_detector
+
+            found = load_detector(detector)
+            crops, names = [], []
+            for path, name in zip(files, names_all):
+                faces, scores = _faces_of_photo(_read_photo(path), found, crop_size, embedder)
+                if len(faces) == 0:
+                    no_face.append(name)
+                    continue
+                crops.append(faces[int(scores.argmax())])
+                names.append(name)
+            if no_face:
+                logger.warning("no face found in %d of %d images of %s (left out): %s", len(no_face), len(files), root, no_face[:5])
+            if not crops:
+                raise IdentityError(f"the detector found no face in any of the {len(files)} images of {root}; pass aligned=True if they are aligned crops")
+            images = torch.stack(crops)
+        embeddings = embed_crops(images, embedder, batch_size=batch_size)
+        denied = _deny_list(avoid, embeddings.shape[1])
+        keeper = _Keeper(float(embedder.threshold), denied, distinct)
+        keep = []
+        for i, vector in enumerate(embeddings):
+            if n is not None and len(keep) == n:
+                break
+            if keeper.admit(vector):
+                keep.append(i)
+        if not keep:
+            raise IdentityError(f"every image of {root} is within the recognizer threshold of a denied real face; nothing to keep")
+        meta = {
+            "source": "folder", "recognizer": embedder.config(), "crop_size": crop_size, "template": str(embedder.template),
+            "aligned_by": "given" if aligned else getattr(found, "name", type(found).__name__),
+            "dropped_duplicates": keeper.rejected["duplicate"], "rejected": keeper.rejected, "deny": _deny_meta(denied),
+        }
+        if no_face:
+            meta["no_face"] = no_face
+        index = torch.tensor(keep, dtype=torch.long)
+        return cls(embeddings[index], images[index] if keep_images else None, [names[i] for i in keep], meta)
 
     @classmethod
     def from_sampler(
@@ -254,52 +475,80 @@ class IdentityBank:
         seed: int = 0,
         batch_size: int = 8,
         distinct: bool = True,
+        avoid: torch.Tensor | None = None,
+        avoid_images: torch.Tensor | None = None,
+        max_attempts: int | None = None,
     ) -> IdentityBank:
         """``n`` identities from a method's own seeded samples.
 
-        ``method`` is a :class:`~anonloader.methods.base.Method` (or any callable with its
-        signature ``(crops F,3,S,S, conditions) -> F,3,S,S``) that generates a face per seed;
-        ``source`` (``3,S,S`` or ``F,3,S,S``) is the crop it starts from (default mid-grey).
-        Seeds are ``seed, seed + 1, ...``; near-duplicates (within the recognizer threshold) are
-        skipped when ``distinct``.
+        Args:
+            method: a :class:`~anonloader.methods.base.Method` (or any callable with its
+                signature ``(crops F,3,S,S, conditions) -> F,3,S,S``) that generates a face per
+                seed, at full anonymization (e.g. FAMS at a high degree ``d``; IDDiffuse
+                through its bank/seed path: the synthetic identity ``seed % len(bank)``).
+            n: identities wanted.
+            embedder: the recognizer; the method's output (in ``method.template``) is re-aligned
+                to its template before embedding (:func:`embed_crops`).
+            source: ``3,S,S`` or ``F,3,S,S`` driving crops in the method's template, used in
+                turn (default: one mid-grey crop).
+            seed: first seed; render ``k`` uses ``seed + k``.
+            batch_size: renders per call.
+            distinct: skip a render within the recognizer threshold of a kept identity.
+            avoid: ``M,D`` recognizer embeddings of real faces no identity may be near.
+            avoid_images: ``M,3,S,S float in [0,1]`` real faces aligned in the recognizer's
+                template, embedded here and added to ``avoid``.
+            max_attempts: renders before giving up (default ``20 n + 100``).
+
+        Returns:
+            a bank with ``n`` identities, their images (the method's template and crop size,
+            ``meta["template"]``) and ``meta`` naming the method, recognizer, seeds, rejections
+            and the deny list's size and digest.
+
+        Raises:
+            IdentityError: fewer than ``n`` identities within ``max_attempts`` renders.
         """
         from anonloader.types import FaceConditions
 
+        if n < 1:
+            raise ConfigError(f"from_method needs n >= 1, got {n}")
         size = int(getattr(method, "crop_size", 112))
+        template = getattr(method, "template", None)
         if source is None:
             source = torch.full((3, size, size), 0.5)
+        driving = source.unsqueeze(0) if source.ndim == 3 else source
+        parts = [avoid, None if avoid_images is None or not len(avoid_images) else embed_crops(avoid_images, embedder)]
+        checked = [d for d in (_deny_list(part, int(embedder.dim)) for part in parts) if d is not None]
+        denied = torch.cat(checked) if checked else None
+        keeper = _Keeper(float(embedder.threshold), denied, distinct)
+        limit = max_attempts if max_attempts is not None else 20 * n + 100
         kept_images: list[torch.Tensor] = []
-        kept_embeddings: list[torch.Tensor] = []
         names: list[str] = []
-        next_seed = seed
+        attempt = 0
         while len(kept_images) < n:
-            if next_seed - seed > 20 * n + 100:
-                raise IdentityError(f"the method produced only {len(kept_images)} distinct identities of {n} asked for")
-            seeds = list(range(next_seed, next_seed + batch_size))
-            next_seed += batch_size
-            crops = source.expand(len(seeds), *source.shape[-3:]) if source.ndim == 3 else source[: len(seeds)]
-            conditions = FaceConditions(seeds, [None] * len(seeds), [None] * len(seeds), torch.zeros(len(seeds), 5, 2))
-            generated = method(crops.clone(), conditions).detach().float().clamp(0, 1)
-            embeddings = embedder(generated)
-            for s, image, vector in zip(seeds, generated, embeddings):
-                if distinct and kept_embeddings and float((torch.stack(kept_embeddings) @ vector).max()) >= embedder.threshold:
+            if attempt >= limit:
+                raise IdentityError(
+                    f"the method rendered only {len(kept_images)} distinct identities of {n} in {limit} attempts "
+                    f"({keeper.rejected['duplicate']} near-duplicates, {keeper.rejected['denied']} too close to the deny list); "
+                    "render at a higher anonymization degree, give more varied driving faces, or ask for fewer"
+                )
+            count = min(batch_size, limit - attempt)
+            seeds = [seed + attempt + i for i in range(count)]
+            crops = driving[[(attempt + i) % driving.shape[0] for i in range(count)]]
+            attempt += count
+            conditions = FaceConditions(seeds, [None] * count, [None] * count, torch.zeros(count, 5, 2))
+            generated = method(crops.float().clone(), conditions).detach().float().cpu().clamp(0, 1)
+            for s, image, vector in zip(seeds, generated, embed_crops(generated, embedder, template)):
+                if not keeper.admit(vector):
                     continue
                 kept_images.append(image)
-                kept_embeddings.append(vector)
                 names.append(f"{getattr(method, 'name', 'method')}_seed{s}")
                 if len(kept_images) == n:
                     break
         config = method.config() if hasattr(method, "config") else {}
-        meta = {"source": "method", "method": config, "recognizer": embedder.config(), "seed": seed}
-        return cls(torch.stack(kept_embeddings), torch.stack(kept_images), names, meta)
-
-
-def _distinct_rows(embeddings: torch.Tensor, threshold: float) -> list[int]:
-    """Indices of rows kept greedily in order so that no two kept rows reach ``threshold`` cosine."""
-    normalised = torch.nn.functional.normalize(embeddings.float(), dim=1)
-    keep: list[int] = []
-    for i in range(len(normalised)):
-        if keep and float((normalised[keep] @ normalised[i]).max()) >= threshold:
-            continue
-        keep.append(i)
-    return keep
+        meta = {
+            "source": "method", "method": config, "recognizer": embedder.config(), "seed": seed, "attempts": attempt,
+            "rejected": keeper.rejected, "deny": _deny_meta(denied),
+        }
+        if template is not None:
+            meta["template"] = str(template)
+        return cls(torch.stack(keeper.kept), torch.stack(kept_images), names, meta)

@@ -21,7 +21,6 @@ the six people of ``t1.jpg``); their pose, expression and background shape the b
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,8 +28,7 @@ from typing import Any
 
 import torch
 
-from anonloader.errors import ConfigError, IdentityError
-from anonloader.types import Detections, FaceConditions
+from anonloader.errors import ConfigError
 
 __all__ = ["embed_ffhq_crops", "packaged_driving_crops", "render_bank"]
 
@@ -40,15 +38,9 @@ logger = logging.getLogger(__name__)
 def embed_ffhq_crops(crops: torch.Tensor, embedder: Any) -> torch.Tensor:
     """Recogniser embeddings of ``F,3,S,S float in [0,1]`` ``ffhq``-aligned crops (re-aligned to
     the recogniser's template and size first). Returns ``F,D float32``, L2-normalised."""
-    from anonloader.align import align_faces, template_points
+    from anonloader.identity.bank import embed_crops
 
-    size = crops.shape[-1]
-    landmarks = template_points(size, "ffhq").unsqueeze(0)
-    detections = [Detections(torch.zeros(1, 4), landmarks, torch.ones(1)) for _ in range(crops.shape[0])]
-    aligned = align_faces(
-        list(crops.float().cpu()), detections, crop_size=int(embedder.crop_size), template=str(embedder.template)
-    ).crops.clamp(0, 1)
-    return torch.nn.functional.normalize(embedder(aligned).float(), dim=1)
+    return embed_crops(crops, embedder, "ffhq")
 
 
 def packaged_driving_crops(resolution: int) -> torch.Tensor:
@@ -108,52 +100,9 @@ def render_bank(
         raise ConfigError("render_bank renders with FAMS's anonymization path; pass a FAMS without bank=")
     if driving.ndim != 4 or driving.shape[0] == 0:
         raise ConfigError(f"driving crops must be D,3,S,S with D >= 1, got {tuple(driving.shape)}")
-    threshold = float(embedder.threshold)
-    denied = None if deny is None or len(deny) == 0 else torch.nn.functional.normalize(deny.float(), dim=1)
-    limit = max_attempts if max_attempts is not None else 20 * n + 100
-    images: list[torch.Tensor] = []
-    embeddings: list[torch.Tensor] = []
-    names: list[str] = []
-    rejected = {"duplicate": 0, "denied": 0}
-    attempt = 0
-    while len(images) < n:
-        if attempt >= limit:
-            raise IdentityError(
-                f"FAMS rendered only {len(images)} distinct identities of {n} in {limit} attempts "
-                f"({rejected['duplicate']} near-duplicates, {rejected['denied']} too close to the deny list); "
-                "raise the anonymization degree, give more varied driving faces, or ask for fewer"
-            )
-        count = min(batch_size, limit - attempt)
-        seeds = [seed + attempt + i for i in range(count)]
-        crops = driving[[(attempt + i) % driving.shape[0] for i in range(count)]]
-        attempt += count
-        conditions = FaceConditions(seeds, [None] * count, [None] * count, torch.zeros(count, 5, 2))
-        rendered = fams(crops.float(), conditions).detach().float().cpu().clamp(0, 1)
-        vectors = embed_ffhq_crops(rendered, embedder)
-        for s, image, vector in zip(seeds, rendered, vectors):
-            if denied is not None and float((denied @ vector).max()) >= threshold:
-                rejected["denied"] += 1
-                continue
-            if embeddings and float((torch.stack(embeddings) @ vector).max()) >= threshold:
-                rejected["duplicate"] += 1
-                continue
-            images.append(image)
-            embeddings.append(vector)
-            names.append(f"fams_seed{s}")
-            if len(images) == n:
-                break
-    deny_digest = None if denied is None else hashlib.sha256(denied.numpy().astype("<f4").tobytes()).hexdigest()
-    meta = {
-        "source": "method",
-        "template": "ffhq",
-        "method": fams.config(),
-        "recognizer": embedder.config(),
-        "seed": seed,
-        "attempts": attempt,
-        "rejected": rejected,
-        "deny": {"count": 0 if denied is None else int(denied.shape[0]), "sha256": deny_digest},
-    }
-    return IdentityBank(torch.stack(embeddings), torch.stack(images), names, meta)
+    return IdentityBank.from_method(
+        fams, n, embedder, source=driving.float(), seed=seed, batch_size=batch_size, avoid=deny, max_attempts=max_attempts,
+    )
 
 
 def _photo_crops(folder: str, resolution: int) -> torch.Tensor:
@@ -169,6 +118,7 @@ def _photo_crops(folder: str, resolution: int) -> torch.Tensor:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
+    from anonloader.identity.bank import embed_photos
     from anonloader.identity.embedders import load_embedder
 
     from .model import FAMS
@@ -183,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--driving", default=None, help="folder of photos whose faces drive the renders (default: the packaged photos)")
-    parser.add_argument("--deny", default=None, help="folder of photos of real people no identity may resemble")
+    parser.add_argument("--deny", default=None, help="folder of photos of real people no identity may resemble (every face in them)")
     parser.add_argument("--recognizer", default="dlib")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
@@ -196,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     fams = FAMS(tiny=True, resolution=args.resolution, **options) if args.tiny else FAMS(args.weights, allow_download=args.allow_download, **options)
     embedder = load_embedder(args.recognizer)
     driving = packaged_driving_crops(args.resolution) if args.driving is None else _photo_crops(args.driving, args.resolution)
-    deny = None if args.deny is None else embed_ffhq_crops(_photo_crops(args.deny, args.resolution), embedder)
+    deny = None if args.deny is None else embed_photos(args.deny, embedder)  # every face of every photo
     bank = render_bank(fams, args.n, embedder, driving=driving, deny=deny, seed=args.seed)
     return bank.save(args.out)
 
