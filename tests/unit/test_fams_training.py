@@ -67,17 +67,18 @@ def test_trainer_with_accumulation_and_curriculum_runs():
 
     torch.manual_seed(0)
     module = FAMSTrainingModule(build_tiny_components(0), learning_rate=1e-4)
-    data = CurriculumTripletData(_records(2), switch_epoch=1, batch_size=2)
+    records = _records(2)
+    data = CurriculumTripletData(records, switch_epoch=1, batch_size=2)
 
-    class ServedStages(L.Callback):  # what the trainer really iterated, batch by batch
+    class ServedTriplets(L.Callback):  # what the trainer really iterated, batch by batch
         def __init__(self):
             self.seen = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            dataset = trainer.train_dataloader.dataset
-            self.seen.append((trainer.current_epoch, dataset.stage, len(dataset)))
+            for i in range(batch["driving"].shape[0]):
+                self.seen.append((trainer.current_epoch, *(batch[k][i].clone() for k in ("source", "driving", "target"))))
 
-    served = ServedStages()
+    served = ServedTriplets()
     trainer = L.Trainer(
         max_epochs=2, accumulate_grad_batches=2, reload_dataloaders_every_n_epochs=1, accelerator="cpu", callbacks=[served],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -85,8 +86,20 @@ def test_trainer_with_accumulation_and_curriculum_runs():
     before = module.unet.conv_in.weight.detach().clone()
     trainer.fit(module, datamodule=data)
     assert not torch.equal(before, module.unet.conv_in.weight)
-    # epoch 0 served the mixed stage (4 triplets: 2 batches), epoch 1 synthesized driving only (2: 1 batch)
-    assert served.seen == [(0, "mixed", 4), (0, "mixed", 4), (1, "synthetic_driving", 2)]
+
+    def kind(source, driving, target):  # which curriculum triplet a served item is, from its tensors
+        for r in records:
+            if torch.equal(source, r.source) and torch.equal(driving, r.swapped) and torch.equal(target, r.ground_truth):
+                return "synthesized driving"
+            if torch.equal(source, r.donor) and torch.equal(driving, r.ground_truth) and torch.equal(target, r.swapped):
+                return "real driving"
+        raise AssertionError("a served triplet is none of the curriculum's")
+
+    by_epoch = {epoch: sorted(kind(*t) for e, *t in served.seen if e == epoch) for epoch in (0, 1)}
+    # epoch 0, stage "mixed": each record once with the synthesized driving image and once with the
+    # real one (4 items); epoch 1, after the switch: synthesized driving images only (2 items)
+    assert by_epoch == {0: ["real driving"] * 2 + ["synthesized driving"] * 2, 1: ["synthesized driving"] * 2}
+    assert len(served.seen) == 6
 
 
 def test_curriculum_triplets():
