@@ -85,3 +85,11 @@ def test_bank_build_from_a_folder_for_any_method_and_for_iddiffuse(t1_image, ast
     model = IDDiffuse(config="tiny", bank=bank)
     assert bank.meta["features"] == model.feature_config()  # E_I of these weights: the default mapping uses them as they are
     assert model.default_identity(secret="s3cret").mapper.bank is bank
+
+    # IDDiffuse's own renders through its bank/seed path: render k conditions on source identity k mod 6
+    rendered = tmp_path / "rendered_bank"
+    options = ["--tiny", "--source-bank", str(out), "--n", "1", "--steps", "2", "--deny", str(deny)]
+    assert main(["bank", "build", "--method", "iddiffuse", str(rendered), *options]) == 0
+    bank = IdentityBank.load(rendered)
+    assert bank.names == ["iddiffuse_seed0"] and bank.images.shape == (1, 3, 32, 32) and bank.features is not None
+    assert bank.meta["template"] == "arcface" and bank.meta["deny"]["count"] == 2 and bank.meta["method"]["bank"] is not None
