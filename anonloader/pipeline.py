@@ -187,6 +187,8 @@ class Anonymizer:
             when it has one (``method.default_identity()``; IDDiffuse with a bank: a keyed
             assigner that needs ``$ANONLOADER_SECRET``, see :mod:`anonloader.methods.iddiffuse.model`),
             else none. ``False``: none. Without an assigner, seeds come from the crop's content.
+        secret: keys that default identity mapping (else ``$ANONLOADER_SECRET`` /
+            ``$ANONLOADER_SECRET_FILE``); used once here, never kept.
         on_error, on_no_face: fail-closed policies (see the module docstring).
         feather: width of the paste-back mask's soft edge, as a fraction of the crop side.
         color_match: match the generated face's colour statistics to the original's; ``None``
@@ -211,6 +213,7 @@ class Anonymizer:
         color_match: bool | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 16,
+        secret: Any = None,
         **method_kwargs: Any,
     ) -> None:
         if on_error not in ("obscure", "drop", "raise"):
@@ -233,7 +236,7 @@ class Anonymizer:
             # detector missed scores far above it
             self.revalidator = load_detector("default", min_score=REVALIDATE_MIN_SCORE) if revalidate is True else load_detector(revalidate)
         if identity is None and callable(getattr(self.method, "default_identity", None)):
-            identity = self.method.default_identity()  # type: ignore[attr-defined]
+            identity = self.method.default_identity(secret=secret)  # type: ignore[attr-defined]
         self.identity: IdentityAssigner | None = None if identity is False else identity
         self.on_error: OnError = on_error
         self.on_no_face: OnNoFace = on_no_face

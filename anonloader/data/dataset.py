@@ -372,7 +372,7 @@ def anonymize(
     else:
         if annotations is not None:
             anonymizer_kwargs.setdefault("detector", None)
-        anonymizer = Anonymizer(method, **anonymizer_kwargs)
+        anonymizer = Anonymizer(method, secret=secret, **anonymizer_kwargs)
     if anonymizer.detector is None and annotations is None:
         raise ConfigError("detector=None needs annotations=f(sample) giving the faces of each sample")
     stage: Any = PipelineStage(anonymizer)

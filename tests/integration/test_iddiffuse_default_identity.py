@@ -88,6 +88,8 @@ def test_without_a_secret_the_default_is_a_config_error_and_false_opts_out(model
     # an explicit secret instead of the environment
     assigner = model.default_identity(secret=SECRET)
     assert Anonymizer(model, identity=assigner).identity is assigner
+    # or the pipeline's secret=, as anonymize(..., secret=) and precompute pass it
+    assert Anonymizer(model, secret=SECRET).identity is not None
 
 
 def test_a_bank_in_another_recognizer_space_is_refused(monkeypatch):
