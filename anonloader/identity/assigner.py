@@ -50,7 +50,7 @@ from anonloader.identity.keys import (
 )
 from anonloader.identity.mapper import MAPPING_PURPOSE, REGISTRY_PURPOSE, KeyedMapper, SubKey, resolve_secret
 
-__all__ = ["STRATEGIES", "KeyedIdentityAssigner"]
+__all__ = ["STRATEGIES", "KeyedIdentityAssigner", "default_assigner"]
 
 STRATEGIES = ("label", "track", "cluster", "online")
 
@@ -299,3 +299,56 @@ def _describe(fn: Callable[..., Any]) -> Any:
     name = getattr(fn, "__qualname__", type(fn).__name__)
     describe = getattr(owner, "feature_config", None)
     return {"name": name, **describe()} if callable(describe) else {"name": name}
+
+
+def default_assigner(
+    method: str,
+    bank: Any,
+    *,
+    secret: Any = None,
+    secret_file: str | os.PathLike[str] | None = None,
+    embedder: Any = None,
+    **options: Any,
+) -> KeyedIdentityAssigner:
+    """The keyed ``"online"`` assigner a method with a bank uses when the pipeline is given none
+    (``method.default_identity()``): one synthetic identity of ``bank`` per real person, linked
+    by ``embedder``.
+
+    Args:
+        method: the method's name, for error messages.
+        bank: the method's :class:`~anonloader.identity.bank.IdentityBank`; its ``embeddings``
+            must be in ``embedder``'s space.
+        secret, secret_file: the mapping secret; default ``$ANONLOADER_SECRET`` or the file
+            named by ``$ANONLOADER_SECRET_FILE``.
+        embedder: the recognizer that links faces of one person (name or object); default the
+            one recorded in the bank's metadata, else ``"dlib"``.
+        options: more :class:`KeyedIdentityAssigner` options (``registry_path``, ``store``,
+            ``feature_fn`` + ``candidate_pool``, ...).
+
+    Raises:
+        ConfigError: no secret anywhere, or a bank in another recognizer's space.
+    """
+    from anonloader.errors import SecretError
+    from anonloader.identity.embedders import load_embedder
+    from anonloader.identity.mapper import SECRET_ENV, SECRET_FILE_ENV
+
+    try:
+        root = resolve_secret(secret, secret_file)
+    except SecretError as error:
+        raise ConfigError(
+            f"{method} keeps one synthetic identity per real person with a keyed mapping, and no secret was "
+            f"given: set {SECRET_ENV} to a random value you keep (e.g. `python -c 'import secrets; "
+            f"print(secrets.token_hex(32))'`) or {SECRET_FILE_ENV} to a file holding it, or pass secret= (the "
+            "pipeline's, anonymize's or precompute's), identity=model.default_identity(secret_file=...) or an "
+            "identity assigner of your own; identity=False gives up stable identities (each photo its own)"
+        ) from error
+    recorded = ((bank.meta or {}).get("recognizer") or {}).get("name")
+    embedder = load_embedder(embedder if embedder is not None else recorded or "dlib")
+    if (recorded is not None and recorded != embedder.name) or int(bank.dim) != int(embedder.dim):
+        raise ConfigError(
+            f"the {method} bank's embeddings ({bank.dim}-d, recognizer {recorded or 'not recorded'}) are not in "
+            f"the space of the recognizer {embedder.name!r} ({embedder.dim}-d) that keys the default identity mapping: "
+            f"build the bank with it (IdentityBank.from_folder(folder, load_embedder({embedder.name!r})) or "
+            "anonloader bank build) or pass default_identity(embedder=<the bank's recognizer>)"
+        )
+    return KeyedIdentityAssigner("online", secret=root, bank=bank, embedder=embedder, **options)

@@ -130,3 +130,28 @@ def test_bank_is_in_the_fingerprint_and_reloads_after_pickling(tmp_path, crops):
     assert clone._bank is None and clone.bank_path == str(tmp_path / "bank")
     assert torch.equal(clone(crops[:2], _conditions([3, 4], [0, 2])), out)
     assert clone.config()["identity"] == fams.config()["identity"]
+
+
+def test_a_bank_alone_gets_the_keyed_default_assigner(monkeypatch):
+    """Identity mode without identity=: the pipeline uses FAMS.default_identity (keyed online
+    strategy over the bank in its recorded recognizer's space); no secret is a ConfigError."""
+    from anonloader.identity.assigner import KeyedIdentityAssigner
+    from anonloader.pipeline import Anonymizer
+
+    bank = IdentityBank(
+        torch.nn.functional.normalize(torch.randn(3, 128, generator=torch.Generator().manual_seed(1)), dim=1),
+        torch.rand(3, 3, 24, 24), meta={"recognizer": {"name": "dlib"}},
+    )
+    model = _fams(bank)
+    monkeypatch.delenv("ANONLOADER_SECRET", raising=False)
+    monkeypatch.delenv("ANONLOADER_SECRET_FILE", raising=False)
+    with pytest.raises(ConfigError, match="FAMS keeps one synthetic identity.*ANONLOADER_SECRET"):
+        Anonymizer(model, detector=None, revalidate=False)
+    assert Anonymizer(model, detector=None, revalidate=False, identity=False).identity is None
+    assigner = Anonymizer(model, detector=None, revalidate=False, secret="fams default secret").identity
+    assert isinstance(assigner, KeyedIdentityAssigner) and assigner.strategy == "online"
+    assert assigner.embedder.name == "dlib" and assigner.mapper.bank is bank
+    assert _fams(None).default_identity(secret="s") is None  # no bank: anonymize with the degree d
+    other = IdentityBank(torch.randn(3, 8), torch.rand(3, 3, 24, 24), meta={"recognizer": {"name": "dlib"}})
+    with pytest.raises(ConfigError, match="not in the space"):
+        _fams(other).default_identity(secret="s")

@@ -16,7 +16,9 @@ each face's ``conditions.synthetic_ids`` entry, aligned to FAMS's ``ffhq`` templ
 person then gets the same source image and (from the assigner) the same seed. The released code
 defines ``d`` on the source branch only, so in identity mode the driving branch runs as released
 (its states carry pose, expression and background) and ``anonymization_degree`` is not used.
-``conditions.extra["source_images"]`` swaps in explicit source faces instead. A bank rendered by
+``conditions.extra["source_images"]`` swaps in explicit source faces instead. Given no assigner,
+the pipeline uses :meth:`FAMS.default_identity` (keyed ``"online"`` strategy over the bank, secret
+from ``secret=`` or ``$ANONLOADER_SECRET``). A bank rendered by
 FAMS itself: :mod:`anonloader.methods.fams.bank` (``python -m anonloader.methods.fams.bank``).
 
 The authors' code is AGPL-3.0 (none of it is copied here); check the licence of the released
@@ -214,6 +216,32 @@ class FAMS:
         if self._bank is None and self.bank_path is not None:
             self._bank = self._load_bank(self.bank_path)
         return self._bank
+
+    def default_identity(
+        self,
+        *,
+        secret: Any = None,
+        secret_file: str | os.PathLike[str] | None = None,
+        embedder: Any = None,
+        registry_path: str | os.PathLike[str] | None = None,
+        store: str | os.PathLike[str] | None = None,
+        store_embeddings: bool = False,
+    ) -> Any:
+        """The keyed identity assigner the pipeline uses in identity mode when given none, so a
+        bank alone keeps one synthetic person per real person: the ``"online"`` strategy linking
+        faces with ``embedder`` (default: the bank's recorded recognizer, else dlib), keyed by
+        ``secret`` (default ``$ANONLOADER_SECRET`` / ``$ANONLOADER_SECRET_FILE``; a
+        :class:`~anonloader.errors.ConfigError` says what to set when there is none). None
+        without a bank (FAMS then anonymizes with the degree ``d``). See
+        :func:`~anonloader.identity.assigner.default_assigner`."""
+        if self.bank is None:
+            return None
+        from anonloader.identity.assigner import default_assigner
+
+        return default_assigner(
+            "FAMS", self.bank, secret=secret, secret_file=secret_file, embedder=embedder, registry_path=registry_path,
+            store=store, store_embeddings=store_embeddings,
+        )
 
     def bank_sources(self, synthetic_ids: list[int | None]) -> torch.Tensor:
         """The source faces of identity mode: the bank image of each synthetic id, aligned to

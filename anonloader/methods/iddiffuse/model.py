@@ -86,7 +86,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anonloader.errors import ConfigError, MethodError, SecretError
+from anonloader.errors import ConfigError, MethodError
 from anonloader.fingerprint import state_hash
 from anonloader.methods.iddiffuse.network import IDDiffuseNetwork
 from anonloader.types import FaceConditions
@@ -347,37 +347,16 @@ class IDDiffuse:
         """
         if self.bank is None:
             return None
-        from anonloader.identity.assigner import KeyedIdentityAssigner
-        from anonloader.identity.embedders import load_embedder
-        from anonloader.identity.mapper import SECRET_ENV, SECRET_FILE_ENV, resolve_secret
+        from anonloader.identity.assigner import default_assigner
 
-        try:
-            root = resolve_secret(secret, secret_file)
-        except SecretError as error:
-            raise ConfigError(
-                "IDDiffuse keeps one synthetic identity per real person with a keyed mapping, and no secret was "
-                f"given: set {SECRET_ENV} to a random value you keep (e.g. `python -c 'import secrets; "
-                f"print(secrets.token_hex(32))'`) or {SECRET_FILE_ENV} to a file holding it, or pass "
-                "identity=model.default_identity(secret_file=...) or an identity assigner of your own; "
-                "identity=False gives up stable identities (each photo its own)"
-            ) from error
-        embedder = load_embedder(embedder)
-        recorded = ((self.bank.meta or {}).get("recognizer") or {}).get("name")
-        if (recorded is not None and recorded != embedder.name) or int(self.bank.dim) != int(embedder.dim):
-            raise ConfigError(
-                f"the IDDiffuse bank's embeddings ({self.bank.dim}-d, recognizer {recorded or 'not recorded'}) are not in "
-                f"the space of the recognizer {embedder.name!r} ({embedder.dim}-d) that keys the default identity mapping: "
-                f"build the bank with it (IdentityBank.from_folder(folder, load_embedder({embedder.name!r})) or "
-                "anonloader bank build) or pass default_identity(embedder=<the bank's recognizer>)"
-            )
         options: dict[str, Any] = {}
         bank = self.bank
         if getattr(bank, "images", None) is not None:  # nearness in E_I space needs the bank's faces
             bank = self._bank_with_features()
             options = {"feature_fn": self.identity_features, "candidate_pool": max(1, min(int(candidate_pool), len(bank)))}
-        return KeyedIdentityAssigner(
-            "online", secret=root, bank=bank, embedder=embedder, registry_path=registry_path, store=store,
-            store_embeddings=store_embeddings, **options,
+        return default_assigner(
+            "IDDiffuse", bank, secret=secret, secret_file=secret_file, embedder=embedder, registry_path=registry_path,
+            store=store, store_embeddings=store_embeddings, **options,
         )
 
     def _make_scheduler(self) -> Any:
