@@ -110,7 +110,10 @@ class DiffPrivacy:
         mode: ``"anonymize"`` or ``"hide"``; the other sampling options default to the paper's
             per mode (see :class:`~anonloader.methods.diffprivacy.sampler.SamplingSettings`).
         recoverable: whether :meth:`anonymize_with_keys` may be used (inversion costs N UNet calls
-            per face, times ``inversion_iters + 1``); in :meth:`config`.
+            per face, times at most ``inversion_iters + 1``); in :meth:`config`.
+        inversion_iters, inversion_tol: k (each inversion step makes at most k + 1 UNet calls
+            solving the sampler's step as a fixed point; 0 = eq. 4) and the relative residual
+            that ends a step sooner (see :func:`~anonloader.methods.diffprivacy.sampler.invert`).
         key_e: ``"words"`` (30 KiB) or ``"embeddings"`` (2.3 MiB) in each key.
         crop_size: side of the crops asked of the aligner (512; tiny 32); resolution: the
             backbone's working side (512; tiny 32).
@@ -145,6 +148,7 @@ class DiffPrivacy:
         select: str = "least_similar",
         recoverable: bool = True,
         inversion_iters: int = 5,
+        inversion_tol: float = 1e-7,
         key_e: str = "words",
         refine_steps: int = 0,
         refine_lr: float = 1e-3,
@@ -175,6 +179,7 @@ class DiffPrivacy:
             guidance_grad=guidance_grad,
             select=select,
             inversion_iters=inversion_iters,
+            inversion_tol=inversion_tol,
             refine_steps=refine_steps,
             refine_lr=refine_lr,
         )
@@ -341,7 +346,7 @@ class DiffPrivacy:
         out = _resize(chosen, size).clamp(0, 1).to(device=crops.device, dtype=torch.float32)
         if not with_keys:
             return out, None
-        z_T = invert(backbone, z0, conds, self.settings.num_inference_steps, self.settings.inversion_iters)
+        z_T = invert(backbone, z0, conds, self.settings.num_inference_steps, self.settings.inversion_iters, self.settings.inversion_tol)
         meta = self._key_meta(size)
         keys = [
             RecoveryKey(z_T[f].float().cpu(), (words[f] if self.key_e == "words" else conds[f]).float().cpu(), self.key_e, meta)
@@ -372,6 +377,8 @@ class DiffPrivacy:
             "schedule": backbone.schedule.to_dict(),
             "num_inference_steps": self.settings.num_inference_steps,
             "inversion_iters": self.settings.inversion_iters,
+            "inversion_solver": "fixed_point_extrapolated",
+            "inversion_tol": self.settings.inversion_tol,
             "resolution": self.resolution,
             "crop_size": crop_size,
             "prompt": "a photo of *",
