@@ -7,7 +7,9 @@
     anonloader cache stats ./faces.lmdb
     anonloader cache verify ./out            # every tag of every shard; never runs stored code
     anonloader cache merge ./out ./merged.lmdb
-    anonloader precompute ./images ./dp.lmdb --method diffprivacy --key-password-file ./pw  # recovery keys
+    anonloader precompute ./images ./dp.lmdb --method diffprivacy --key-password-file ./pw \\
+        --method-options '{"weights": "./dp-msi", "base_model": "./sd15", "recognizer": {"kind": "iresnet", "weights": "./r50.pth"}}' \\
+        --method-option num_inference_steps=50        # recovery keys; options go to DiffPrivacy(...)
     anonloader cache recover ./dp.lmdb 17 ./face17.png --method-dir ./dp-msi --base-model ./sd15 --key-password-file ./pw
     anonloader cache strip-keys ./dp.lmdb ./dp-nokeys.lmdb   # a copy without recovery.lmdb
 
@@ -30,7 +32,7 @@ from typing import Any
 
 from anonloader.errors import CacheCorruptError, CacheError, CacheFingerprintError, ConfigError
 
-__all__ = ["main", "merge_caches", "register", "strip_keys"]
+__all__ = ["main", "merge_caches", "method_options", "recover_sample", "register", "strip_keys"]
 
 
 def _secret(args: argparse.Namespace) -> str | bytes | None:
@@ -50,10 +52,75 @@ def _import(spec: str | None) -> Any:
     return _import_object(spec)
 
 
+def method_options(method: str, text: str | None = None, pairs: Sequence[str] = ()) -> dict[str, Any]:
+    """The constructor options of registry method ``method`` from the command line.
+
+    Args:
+        text: ``--method-options``: a JSON object (``'{"weights": "./dp", "tiny": false}'``), or
+            ``@path`` of a file holding one.
+        pairs: ``--method-option key=value`` items (later ones win over ``text``); each value is
+            read as JSON when it parses (``50``, ``true``, ``{"kind": "iresnet"}``), else kept as
+            the string (``weights=./dp``).
+
+    Raises:
+        ConfigError: the JSON is malformed or not an object, a pair has no ``=``, or a key is
+            not a parameter of the method's constructor (the message lists the ones it takes).
+    """
+    import inspect
+
+    from anonloader.methods import METHODS
+
+    options: dict[str, Any] = {}
+    if text is not None:
+        source = "--method-options"
+        if text.startswith("@"):
+            source = text[1:]
+            try:
+                text = Path(source).expanduser().read_text()
+            except OSError as error:
+                raise ConfigError(f"cannot read the method options file {source} ({error.strerror}); check the path after '@'") from None
+        try:
+            loaded = json.loads(text)
+        except ValueError as error:
+            raise ConfigError(f"{source} is not valid JSON ({error}); give an object such as '{{\"num_inference_steps\": 50}}'") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source} must be a JSON object of option names to values, got {type(loaded).__name__}")
+        options.update(loaded)
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--method-option {pair!r} is not key=value; write e.g. --method-option inversion_iters=5")
+        try:
+            options[name.strip()] = json.loads(value)
+        except ValueError:
+            options[name.strip()] = value
+    if not options:
+        return options
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    module_name, attribute = METHODS[method].split(":")
+    import importlib
+
+    factory = getattr(importlib.import_module(module_name), attribute)
+    parameters = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        accepted = sorted(n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self")
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ConfigError(f"method {method!r} has no option(s) {', '.join(unknown)}; it takes: {', '.join(accepted)}")
+    return options
+
+
 def _run_precompute(args: argparse.Namespace) -> int:
     from anonloader.cache.precompute import precompute
 
-    options: dict[str, Any] = {"method": args.method, "on_error": args.on_error, "on_no_face": args.on_no_face, "device": args.device}
+    extra = method_options(args.method, args.method_options, args.method_option)
+    method: Any = args.method
+    if extra:
+        from anonloader.methods import get_method
+
+        method = get_method(args.method, **extra)
+    options: dict[str, Any] = {"method": method, "on_error": args.on_error, "on_no_face": args.on_no_face, "device": args.device}
     annotations = _import(args.annotations)
     if args.detector != "none":
         options["detector"] = args.detector
@@ -132,16 +199,26 @@ def merge_caches(
     *,
     secret: Any = None,
     batch: int = 256,
+    keys: bool = True,
 ) -> dict[str, int]:
     """Copies every entry, sample and failure record of ``sources`` (caches, shard folders or
     manifests) into one LMDB at ``destination``, checking each value's tag and structure on
-    the way (nothing stored is ever executed).
+    the way (nothing stored is ever executed), and (``keys``) their Diff-Privacy recovery keys
+    into ``destination/recovery.lmdb``: the encrypted blobs as they are, so no password is
+    needed (each stays bound to its fingerprint, entry and face; a torchrun run's shards share
+    one key derivation, so the merged store opens with the run's password).
 
     Args:
         secret: the secret the sources were written with (keyed caches), or ``None``.
+        keys: copy the recovery keys (``False``: :func:`strip_keys`).
+
+    Returns:
+        Counts of copied ``entries``, ``samples``, ``failures``, and ``recovery_keys`` when the
+        sources have a key store.
 
     Raises:
         CacheFingerprintError: the sources were written by different pipelines or secrets.
+        ConfigError: their recovery keys were made with different passwords or salts.
         CacheCorruptError: a source value is corrupt or not authentic (nothing is copied from
             a batch holding one; the destination keeps what earlier batches committed).
     """
@@ -201,27 +278,67 @@ def merge_caches(
                 counts["failures"] += len(failures)
         finally:
             target.close()
+        if keys:
+            from anonloader.cache.manifest import resolve_cache_path
+
+            shards = [shard for path in sources for shard in resolve_cache_path(path)[1]]
+            if any((shard / "recovery.lmdb").is_dir() for shard in shards):
+                from anonloader.methods.diffprivacy.store import RecoveryKeyStore
+
+                counts["recovery_keys"] = RecoveryKeyStore.copy_sealed(shards, destination)
         return counts
     finally:
         for reader in readers:
             reader.close()
 
 
+def recover_sample(
+    cache_path: str | os.PathLike[str],
+    index: int,
+    password: Any = None,
+    method: Any = None,
+    *,
+    slot: int = 0,
+    key_password_file: str | os.PathLike[str] | None = None,
+    secret: Any = None,
+) -> Any:
+    """:meth:`AnonCache.recover <anonloader.cache.store.AnonCache.recover>` for one cache or a
+    sharded one (``engine="torchrun"``: the sample's shard holds its recovery keys in
+    ``<shard>/recovery.lmdb``; the shard is found through the manifest).
+
+    Returns:
+        ``3,H,W float32 in [0,1]``: image ``slot`` of sample ``index`` with its faces recovered.
+    """
+    from anonloader.cache.manifest import resolve_cache_path
+    from anonloader.cache.store import AnonCache
+    from anonloader.errors import CacheMissError
+
+    _, shards, manifest = resolve_cache_path(cache_path)
+    target = Path(cache_path)
+    if manifest is not None:
+        with AnonCache(cache_path, secret=secret) as sharded:
+            found = dict(sharded.sample_shards())
+        if index not in found:
+            raise CacheMissError(f"sample {index} is not in the sharded cache {cache_path}")
+        target = shards[found[index]]
+    with AnonCache(target, secret=secret) as cache:
+        return cache.recover(index, password, method, slot=slot, key_password_file=key_password_file)
+
+
 def _run_recover(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from anonloader.cache.store import AnonCache
     from anonloader.methods.diffprivacy import DiffPrivacy
 
-    method = DiffPrivacy(
-        args.method_dir,
-        base_model=args.base_model or args.method_dir,
-        **({"clip_model": args.clip_model} if args.clip_model else {}),
-        guidance_scale=0.0,
-        select="first",
-    )
-    with AnonCache(args.cache, secret=_secret(args)) as cache:
-        image = cache.recover(args.index, None, method, slot=args.slot, key_password_file=args.key_password_file)
+    extra = method_options("diffprivacy", args.method_options, args.method_option)
+    for name in ("weights", "guidance_scale", "select"):
+        if name in extra:
+            raise ConfigError(f"cache recover sets {name} itself (--method-dir; no guidance at recovery); drop it from the method options")
+    options: dict[str, Any] = {"base_model": args.base_model or args.method_dir, "guidance_scale": 0.0, "select": "first"}
+    if args.clip_model:
+        options["clip_model"] = args.clip_model
+    method = DiffPrivacy(args.method_dir, **{**options, **extra})
+    image = recover_sample(args.cache, args.index, None, method, slot=args.slot, key_password_file=args.key_password_file, secret=_secret(args))
     array = image.clamp(0, 1).mul(255).round().to("cpu").byte().permute(1, 2, 0).numpy()
     Image.fromarray(array).save(args.out)
     print(f"{args.out}: sample {args.index} image {args.slot} with its faces recovered")
@@ -232,7 +349,7 @@ def strip_keys(source: str | os.PathLike[str], destination: str | os.PathLike[st
     """A copy of the cache at ``source`` without its recovery keys (``recovery.lmdb``): every
     entry, sample and failure record is copied and checked (:func:`merge_caches`), the key
     store is not."""
-    return merge_caches([source], destination, secret=secret)
+    return merge_caches([source], destination, secret=secret, keys=False)
 
 
 def _run_strip_keys(args: argparse.Namespace) -> int:
@@ -246,8 +363,25 @@ def _run_merge(args: argparse.Namespace) -> int:
     print(
         f"{args.destination}: merged {counts['entries']} entries, {counts['samples']} samples and "
         f"{counts['failures']} failure records from {len(args.sources)} source(s)"
+        + (f", {counts['recovery_keys']} encrypted recovery keys" if "recovery_keys" in counts else "")
     )
     return 0
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--method-options",
+        default=None,
+        metavar="JSON",
+        help="the method's constructor options as a JSON object, or @file.json (e.g. diffprivacy: weights, base_model, recognizer, inversion_iters)",
+    )
+    parser.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one constructor option (repeatable; VALUE read as JSON when it parses, else a string); wins over --method-options",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -273,7 +407,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     pre.add_argument("--bank", default=None, help="synthetic identity bank folder (IdentityBank.save)")
     pre.add_argument("--image-key", default=None, help="dict key or tuple position of the image")
-    pre.add_argument("--codec", default=None, help="lz4 (default, lossless) | zstd | raw | qoi | png | webp | jpeg[:quality]")
+    pre.add_argument("--codec", default=None, help="raw (default, lossless, fastest reads) | lz4 | zstd | qoi | png | webp | jpeg[:quality]")
     pre.add_argument("--workers", type=int, default=1, help="processes (local, torchrun per rank) or actors (ray)")
     pre.add_argument("--engine", choices=("local", "ray", "torchrun"), default="local")
     pre.add_argument("--batch-size", type=int, default=8, help="samples per commit / per Ray batch")
@@ -288,6 +422,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="file holding the recovery-key password (diffprivacy; or $ANONLOADER_KEY_PASSWORD)",
     )
+    _add_method_options(pre)
     pre.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pre.set_defaults(run=_run_precompute)
 
@@ -314,6 +449,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     recover.add_argument("--base-model", default=None, help="SD v1.x directory (default: --method-dir)")
     recover.add_argument("--clip-model", default=None, help="CLIP ViT directory")
     recover.add_argument("--key-password-file", default=None, help="file holding the key password (or $ANONLOADER_KEY_PASSWORD)")
+    _add_method_options(recover)
     recover.set_defaults(run=_run_recover)
     strip = actions.add_parser("strip-keys", help="copy a cache without its recovery keys")
     strip.add_argument("source", type=Path)

@@ -24,7 +24,21 @@ LMDB ``<cache>/recovery.lmdb``); workers get only the derived cipher and encrypt
 (under the cache entry's key, hex) before it leaves them; the writer stores an entry's keys in
 the key store just before the commit that stores the entry. Training reads never open the key
 store. Without a password such a method is refused (build it with ``recoverable=False`` to
-write no keys). Local engine only.
+write no keys). Every engine writes keys:
+
+- ``"local"``: forked workers get the job with the derived cipher; the writer stores the sealed
+  blobs they return;
+- ``"ray"``: the driver derives the key and its store ``<cache>/recovery.lmdb``; actors get the
+  derived cipher in the job (like the cache's derived subkeys) and return each sample's sealed
+  blobs as msgpack bytes beside its result; the driver authenticates every blob (AES-GCM, bound
+  to the entry and face) before it stores it with the entry;
+- ``"torchrun"``: only rank 0 reads the password; it derives the key and sends the 32-byte
+  derived key (with the public Argon2id salt and costs) to the other ranks over the process
+  group, as raw bytes in a tensor (no pickle); each rank writes its shard's keys into
+  ``<shard>/recovery.lmdb``, all under the same derivation, so ``anonloader cache merge``
+  copies them into one store the password opens, and ``anonloader cache recover`` reads them
+  from the sample's shard. The process group carries the derived key in the clear (gloo and
+  NCCL do not encrypt): run it on a network you trust with the cache's own subkeys.
 """
 
 from __future__ import annotations
@@ -499,8 +513,11 @@ def fill_cache(
         run_local(job, cache, pending, report, workers=workers, batch_size=batch_size, progress=bar, keystore=keystore)
 
 
-def _key_secret(recoverable: bool, method: str, key_password: Any, key_password_file: Any) -> Any:
-    """The recovery-key password as a ``Secret`` when the method writes keys (``None`` otherwise)."""
+def _key_secret(recoverable: bool, method: str, key_password: Any, key_password_file: Any, *, read: bool = True) -> Any:
+    """The recovery-key password as a ``Secret`` when the method writes keys (``None`` otherwise).
+
+    ``read=False`` (torchrun ranks other than 0) checks only that a source of the password is
+    named, so every rank fails alike without one, and reads nothing (returns ``None``)."""
     if not recoverable:
         if key_password is not None or key_password_file is not None:
             raise ConfigError(
@@ -509,8 +526,15 @@ def _key_secret(recoverable: bool, method: str, key_password: Any, key_password_
             )
         return None
     from anonloader.errors import SecretError
-    from anonloader.methods.diffprivacy.crypto import Secret
+    from anonloader.methods.diffprivacy.crypto import ENV_VARIABLE, Secret
 
+    if not read:
+        if key_password is None and key_password_file is None and not os.environ.get(ENV_VARIABLE):
+            raise ConfigError(
+                f"method {method!r} is recoverable: its recovery keys need a password (key_password=, key_password_file= "
+                "or $ANONLOADER_KEY_PASSWORD; CLI --key-password-file); or build the method with recoverable=False to write none"
+            )
+        return None
     try:
         return Secret.from_sources(key_password, key_password_file)
     except SecretError as error:
@@ -556,7 +580,7 @@ def precompute(
         secret: salts the keys and authenticates every stored value (HMAC-SHA256 under a
             derived key); only derived subkeys reach workers, nothing of it is stored. Without
             one the cache is unsalted (a warning says what that allows).
-        codec: ``"lz4"`` (default, lossless, the fastest to read of the compressed codecs),
+        codec: ``"raw"`` (default, lossless, the fastest to read), ``"lz4"`` (10% smaller on photos),
             ``"zstd"``, ``"raw"``, ``"qoi"``, ``"png"``, ``"webp"`` or ``"jpeg[:quality]"``.
         workers: processes on this machine (``"local"``), or actors (``"ray"``).
         engine: ``"local"``, ``"ray"`` or ``"torchrun"``.
@@ -570,9 +594,10 @@ def precompute(
             derive the key and is never stored, logged or passed to workers.
 
     Raises:
-        ConfigError: a recoverable method without a password, a password with a method that
-            writes no keys, or keys with an engine other than ``"local"``.
-        SecretError: the password does not open the cache's existing key store.
+        ConfigError: a recoverable method without a password, or a password with a method
+            that writes no keys.
+        SecretError: the password does not open the cache's existing key store (torchrun:
+            rank 0's; the other ranks stop with a :class:`CacheError` naming rank 0).
 
     Returns:
         A :class:`PrecomputeReport`; ``AnonCache(cache_path).as_dataset()`` then yields the
@@ -609,40 +634,47 @@ def precompute(
         image_keys=keys, annotations=annotations, identity_label=identity_label,
     )
     recoverable = callable(getattr(anonymizer.method, "anonymize_with_keys", None)) and bool(getattr(anonymizer.method, "recoverable", False))
-    password = _key_secret(recoverable, anonymizer.method.name, key_password, key_password_file)
-    if password is not None and engine != "local":
-        raise ConfigError(f"recovery keys are written by the local engine only; use engine='local' (got {engine!r})")
+    method_name = anonymizer.method.name
     report = PrecomputeReport(str(cache_path), total=len(dataset), engine=engine)
     start = time.perf_counter()
     if engine == "torchrun":
-        from anonloader.integrations.torchrun_engine import run_torchrun
+        from anonloader.integrations.torchrun_engine import rank_and_world_size, run_torchrun
 
-        run_torchrun(job, cache_path, report, workers=workers, batch_size=batch_size, progress=progress, map_size=map_size)
-    elif engine == "ray":
-        from anonloader.integrations.ray_engine import run_ray
+        # every rank checks that a password is named; only rank 0 reads it, inside the process
+        # group (so a bad password file stops every rank instead of leaving them waiting)
+        _key_secret(recoverable, method_name, key_password, key_password_file, read=False)
+        read_password = None
+        if recoverable and rank_and_world_size()[0] == 0:
 
-        cache = open_for_job(job, cache_path, map_size=map_size)
-        try:
-            run_ray(job, cache, report, actors=workers, batch_size=batch_size, progress=progress)
-        finally:
-            cache.close()
-    else:
-        if (cache_path / "manifest.json").is_file():
-            raise CacheError(f"{cache_path} is a sharded cache; resume it with the engine that made it (torchrun)")
-        cache = open_for_job(job, cache_path, map_size=map_size)
-        keystore = None
-        try:
-            if password is not None:
-                from anonloader.methods.diffprivacy.store import RecoveryKeyStore
+            def read_password() -> Any:
+                return _key_secret(True, method_name, key_password, key_password_file)
 
-                keystore = RecoveryKeyStore.create(cache_path, password, fingerprint=job.fingerprint, map_size=map_size)
-                job.key_cipher = keystore.cipher
-            del password
+        run_torchrun(job, cache_path, report, workers=workers, batch_size=batch_size, progress=progress, map_size=map_size,
+                     recovery_keys=recoverable, read_password=read_password)
+        report.seconds = time.perf_counter() - start
+        return report
+    password = _key_secret(recoverable, method_name, key_password, key_password_file)
+    if engine == "local" and (cache_path / "manifest.json").is_file():
+        raise CacheError(f"{cache_path} is a sharded cache; resume it with the engine that made it (torchrun)")
+    cache = open_for_job(job, cache_path, map_size=map_size)
+    keystore = None
+    try:
+        if password is not None:
+            from anonloader.methods.diffprivacy.store import RecoveryKeyStore
+
+            keystore = RecoveryKeyStore.create(cache_path, password, fingerprint=job.fingerprint, map_size=map_size)
+            job.key_cipher = keystore.cipher
+        del password
+        if engine == "ray":
+            from anonloader.integrations.ray_engine import run_ray
+
+            run_ray(job, cache, report, actors=workers, batch_size=batch_size, progress=progress, keystore=keystore)
+        else:
             fill_cache(job, cache, range(len(dataset)), report, workers=workers, batch_size=batch_size, progress=progress, keystore=keystore)
-        finally:
-            job.key_cipher = None
-            cache.close()
-            if keystore is not None:
-                keystore.close()
+    finally:
+        job.key_cipher = None
+        cache.close()
+        if keystore is not None:
+            keystore.close()
     report.seconds = time.perf_counter() - start
     return report

@@ -5,6 +5,7 @@ password is in no file of the cache and in no pickle."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -23,7 +24,7 @@ from anonloader.cache import AnonCache
 from anonloader.cache.precompute import precompute
 from anonloader.errors import ConfigError, SecretError
 from anonloader.methods.diffprivacy import DiffPrivacy
-from anonloader.methods.diffprivacy.store import RECOVERY_DB
+from anonloader.methods.diffprivacy.store import RECOVERY_DB, RecoveryKeyStore
 from anonloader.pipeline import Anonymizer
 
 OPTIONS = {"tiny": True, "num_inference_steps": 10, "group_size": 2, "inversion_iters": 2}
@@ -167,8 +168,10 @@ def test_a_recoverable_method_needs_a_password(tmp_path, monkeypatch, originals)
     assert not (tmp_path / "a").exists()
     with pytest.raises(ConfigError, match="writes no recovery keys"):
         precompute(dataset, tmp_path / "b", Anonymizer("blur", revalidate=False), key_password=PASSWORD, progress=False)
-    with pytest.raises(ConfigError, match="local engine"):
-        precompute(dataset, tmp_path / "c", anonymizer, key_password=PASSWORD, engine="ray", progress=False)
+    for engine in ("ray", "torchrun"):  # every engine refuses a recoverable method without a password
+        with pytest.raises(ConfigError, match="recoverable=False"):
+            precompute(dataset, tmp_path / engine, anonymizer, engine=engine, progress=False)
+        assert not (tmp_path / engine).exists()
     assert "key" in str(missing.value)
     # the password may also come from the environment
     monkeypatch.setenv("ANONLOADER_KEY_PASSWORD", PASSWORD)
@@ -200,8 +203,9 @@ def test_pipeline_keys_per_image_and_none_for_failed(originals):
 
 
 def test_cli_precompute_recover_and_strip_keys(tmp_path, monkeypatch, originals, capsys):
-    """The command line: precompute with --key-password-file, cache recover with the models
-    loaded from their directories, cache strip-keys."""
+    """The command line: precompute with --method-options and --key-password-file on tiny
+    weights directories, cache recover with the models loaded from those directories, cache
+    strip-keys."""
     from PIL import Image
 
     from anonloader.cli import main
@@ -219,9 +223,26 @@ def test_cli_precompute_recover_and_strip_keys(tmp_path, monkeypatch, originals,
     (tmp_path / "pw").write_text(PASSWORD + "\n")
     monkeypatch.delenv("ANONLOADER_KEY_PASSWORD", raising=False)
     monkeypatch.delenv("ANONLOADER_SECRET", raising=False)
-    # the CLI builds methods by name with default options: precompute through the Python API
-    # with the file-loaded method, then recover and strip with the CLI
-    precompute(tmp_path / "images", tmp_path / "cache", Anonymizer(method, revalidate=False), key_password_file=tmp_path / "pw", progress=False)
+    # the precompute command builds the method from --method-options / --method-option (the
+    # registry constructor's keywords); unknown keys and malformed JSON are refused by name
+    fast = {k: v for k, v in OPTIONS.items() if k not in ("tiny", "inversion_iters")}
+    method_options = {"weights": str(tmp_path / "dp"), "base_model": str(tmp_path / "dp"), "recognizer": spec, "recognizer_size": 16,
+                      "crop_size": 32, "resolution": 32, **fast}
+    command = ["precompute", str(tmp_path / "images"), str(tmp_path / "cache"), "--method", "diffprivacy", "-q",
+               "--method-options", json.dumps(method_options), "--key-password-file", str(tmp_path / "pw")]
+    assert main([*command, "--method-option", "no_such_option=1"]) == 2
+    error = capsys.readouterr().err
+    assert "has no option(s) no_such_option" in error and "inversion_iters" in error and not (tmp_path / "cache").exists()
+    assert main([*command[:-4], "--method-options", "{not json", "--key-password-file", str(tmp_path / "pw")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(command[:-2]) == 2  # a recoverable method without a password
+    assert "--key-password-file" in capsys.readouterr().err
+    assert main([*command, "--method-option", f"inversion_iters={OPTIONS['inversion_iters']}"]) == 0
+    capsys.readouterr()
+    store = RecoveryKeyStore.open(tmp_path / "cache", key_password_file=tmp_path / "pw")
+    (entry, face), = store.entries()
+    assert store.get(entry, face).meta["inversion_iters"] == OPTIONS["inversion_iters"] and store.get(entry, face).meta["num_inference_steps"] == 10
+    store.close()
     assert main(["cache", "recover", str(tmp_path / "cache"), "0", str(tmp_path / "out.png"), "--method-dir", str(tmp_path / "dp"),
                  "--key-password-file", str(tmp_path / "pw")]) == 0
     with Image.open(tmp_path / "out.png") as opened:
@@ -242,8 +263,8 @@ def test_cli_precompute_recover_and_strip_keys(tmp_path, monkeypatch, originals,
     assert torch.equal(stripped.as_dataset()[0]["image"], cache.as_dataset()[0]["image"])
     with pytest.raises(Exception, match="no recovery keys"):
         stripped.recover(0, PASSWORD, method)
-    # the precompute CLI hands --key-password-file to precompute (which refuses it for a method
-    # that writes no keys; the CLI builds methods by name with their default options only)
+    # the precompute CLI hands --key-password-file to precompute, which refuses it for a method
+    # that writes no keys
     assert main(["precompute", str(tmp_path / "images"), str(tmp_path / "cli-cache"), "--method", "blur",
                  "--key-password-file", str(tmp_path / "pw"), "-q"]) == 2
     error = capsys.readouterr().err

@@ -146,6 +146,13 @@ class KeyCipher:
     def __repr__(self) -> str:
         return f"KeyCipher(fingerprint={self.fingerprint[:12]}…, key=<hidden>)"
 
+    def export_key(self) -> bytes:
+        """The 32-byte derived master key, for handing this cipher to a peer process over a
+        channel the caller trusts (a torchrun process group: rank 0 derives, the other ranks
+        never see the password). Never log or store it; ``KeyCipher(key, fingerprint)`` rebuilds
+        the cipher."""
+        return self._master
+
     def check_value(self) -> str:
         """HMAC-SHA256 of the format tag and fingerprint under the ``check`` subkey (hex)."""
         key = _hkdf(self._master, FORMAT_TAG + b"|check")

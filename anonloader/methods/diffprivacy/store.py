@@ -15,6 +15,7 @@ Deleting ``recovery.lmdb`` strips every key; the cache itself is unchanged.
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 from pathlib import Path
@@ -31,6 +32,18 @@ RECOVERY_DB = "recovery.lmdb"
 _META = b"__meta__"
 #: (resolved path, pid) -> (environment, opened read-only)
 _ENVS: dict[tuple[str, int], tuple[Any, bool]] = {}
+
+
+def _new_meta(params: KdfParams, cipher: KeyCipher) -> bytes:
+    meta = {
+        "format": FORMAT_TAG.decode(),
+        "aead": "AES-256-GCM",
+        "hkdf": "SHA-256",
+        "kdf": params.to_dict(),
+        "check": cipher.check_value(),
+        "fingerprint": cipher.fingerprint,
+    }
+    return json.dumps(meta, sort_keys=True).encode()
 
 
 class RecoveryKeyStore:
@@ -92,17 +105,72 @@ class RecoveryKeyStore:
             if raw is None:
                 params = kdf or KdfParams.new()
                 cipher = derive_cipher(secret, params, fingerprint)
-                meta = {
-                    "format": FORMAT_TAG.decode(),
-                    "aead": "AES-256-GCM",
-                    "hkdf": "SHA-256",
-                    "kdf": params.to_dict(),
-                    "check": cipher.check_value(),
-                    "fingerprint": fingerprint,
-                }
-                txn.put(_META, json.dumps(meta, sort_keys=True).encode())
+                txn.put(_META, _new_meta(params, cipher))
                 return cls(directory, cipher, map_size=map_size)
         return cls.open(directory, secret, fingerprint=fingerprint, readonly=False, map_size=map_size)
+
+    @classmethod
+    def create_with_cipher(
+        cls, directory: str | os.PathLike[str], cipher: KeyCipher, kdf: KdfParams, *, map_size: int = 1 << 34
+    ) -> RecoveryKeyStore:
+        """Opens for writing (creating if absent) a store for an already derived ``cipher``: a
+        process that never held the password (a torchrun rank other than 0) writes keys that
+        the password opens. ``kdf`` must be the parameters ``cipher`` was derived with.
+
+        Raises:
+            SecretError: an existing store here was made with another password or salt.
+        """
+        path = Path(directory) / RECOVERY_DB
+        path.mkdir(parents=True, exist_ok=True)
+        env = cls._raw_env(path, False, map_size)
+        with env.begin(write=True) as txn:
+            raw = txn.get(_META)
+            if raw is None:
+                txn.put(_META, _new_meta(kdf, cipher))
+            else:
+                meta = json.loads(raw)
+                if meta.get("fingerprint") != cipher.fingerprint:
+                    raise ConfigError(f"the recovery keys at {path} belong to another pipeline (fingerprint differs)")
+                if meta.get("kdf", {}).get("salt") != kdf.salt.hex() or not hmac.compare_digest(meta.get("check", ""), cipher.check_value()):
+                    raise SecretError(f"the recovery keys at {path} were made with another password or salt; give the password used at precompute")
+        return cls(directory, cipher, map_size=map_size)
+
+    @classmethod
+    def copy_sealed(cls, sources: list[str | os.PathLike[str]], destination: str | os.PathLike[str], *, map_size: int = 1 << 34) -> int:
+        """Copies the encrypted keys of the stores in ``sources`` (cache or shard directories)
+        into ``destination``'s store as they are (no password needed: each blob stays bound to
+        its pipeline fingerprint, entry key and face, and is checked when it is decrypted).
+        Returns the number of keys copied (0 when no source has a store).
+
+        Raises:
+            ConfigError: the stores were made by different pipelines, passwords or salts (they
+                cannot share one store; recover from each source).
+        """
+        stores = [Path(s) for s in sources if (Path(s) / RECOVERY_DB).is_dir()]
+        if not stores:
+            return 0
+        metas = [cls.read_meta(s) for s in stores]
+        if len({(m["fingerprint"], m["kdf"]["salt"], m["check"]) for m in metas}) > 1:
+            raise ConfigError(
+                "the recovery keys of " + ", ".join(str(s) for s in stores) + " were made by different pipelines, passwords "
+                "or salts and cannot be merged into one key store; recover from each source"
+            )
+        path = Path(destination) / RECOVERY_DB
+        path.mkdir(parents=True, exist_ok=True)
+        target = cls._raw_env(path, False, map_size)
+        copied = 0
+        with target.begin(write=True) as out:
+            raw = out.get(_META)
+            if raw is not None and json.loads(raw)["check"] != metas[0]["check"]:
+                raise ConfigError(f"{path} already holds recovery keys of another password; merge into a new destination")
+            out.put(_META, json.dumps(metas[0], sort_keys=True).encode())
+            for store in stores:
+                with cls._raw_env(store / RECOVERY_DB, True, 1 << 20).begin() as txn:
+                    for key, blob in txn.cursor():
+                        if bytes(key).startswith(b"k/"):
+                            out.put(bytes(key), bytes(blob))
+                            copied += 1
+        return copied
 
     @classmethod
     def open(
@@ -127,8 +195,6 @@ class RecoveryKeyStore:
         if fingerprint is not None and meta["fingerprint"] != fingerprint:
             raise ConfigError(f"the recovery keys at {Path(directory) / RECOVERY_DB} belong to another pipeline (fingerprint differs)")
         cipher = derive_cipher(secret, KdfParams.from_dict(meta["kdf"]), meta["fingerprint"])
-        import hmac
-
         if not hmac.compare_digest(cipher.check_value(), meta["check"]):
             raise SecretError(f"wrong key password for the recovery keys at {Path(directory) / RECOVERY_DB}; give the password used at precompute")
         return cls(directory, cipher, readonly=readonly, map_size=map_size)
