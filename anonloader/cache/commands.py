@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ from typing import Any
 from anonloader.errors import CacheCorruptError, CacheError, CacheFingerprintError, ConfigError
 
 __all__ = ["main", "merge_caches", "method_options", "recover_sample", "register", "strip_keys"]
+
+logger = logging.getLogger(__name__)
 
 
 def _secret(args: argparse.Namespace) -> str | bytes | None:
@@ -111,6 +114,37 @@ def method_options(method: str, text: str | None = None, pairs: Sequence[str] = 
     return options
 
 
+def _identity(args: argparse.Namespace, secret: Any) -> Any:
+    """The keyed assigner of ``--identity``; ``cluster`` is fitted on the ``--embeddings`` store
+    (every process fits the same clusters: the result depends only on the store)."""
+    from anonloader.identity.assigner import KeyedIdentityAssigner
+    from anonloader.identity.bank import IdentityBank
+
+    bank = None if args.bank is None else IdentityBank.load(args.bank)
+    if args.identity != "cluster":
+        if args.embeddings is not None:
+            raise ConfigError("--embeddings is for --identity cluster")
+        return KeyedIdentityAssigner(args.identity, secret=secret, bank=bank)
+    if args.embeddings is None:
+        raise ConfigError(
+            "--identity cluster groups every face of the dataset before any is anonymized: embed them first with "
+            "`anonloader identity embed SRC STORE` and pass --embeddings STORE"
+        )
+    from anonloader.identity.store import EmbeddingStore
+
+    store = EmbeddingStore(args.embeddings)
+    if store.meta.get("detector") not in (None, args.detector):
+        logger.warning(
+            "the embeddings in %s were computed with the %r detector, this precompute detects with %r: faces are then "
+            "matched to clusters by nearness alone; embed with --detector %s for exact matches",
+            args.embeddings, store.meta["detector"], args.detector, args.detector,
+        )
+    recognizer = (store.meta.get("recognizer") or {}).get("name", "dlib")
+    assigner = KeyedIdentityAssigner("cluster", secret=secret, bank=bank, embedder=recognizer)
+    store.fit(assigner, shards=args.cluster_shards)
+    return assigner
+
+
 def _run_precompute(args: argparse.Namespace) -> int:
     from anonloader.cache.precompute import precompute
 
@@ -128,11 +162,9 @@ def _run_precompute(args: argparse.Namespace) -> int:
         raise ConfigError("--detector none needs --annotations pkg.module:function giving each sample's faces")
     secret = _secret(args)
     if args.identity is not None:
-        from anonloader.identity.assigner import KeyedIdentityAssigner
-        from anonloader.identity.bank import IdentityBank
-
-        bank = None if args.bank is None else IdentityBank.load(args.bank)
-        options["identity"] = KeyedIdentityAssigner(args.identity, secret=secret, bank=bank)
+        options["identity"] = _identity(args, secret)
+    elif args.embeddings is not None:
+        raise ConfigError("--embeddings is for --identity cluster")
     image_key: Any = args.image_key
     if image_key is not None and image_key.isdigit():
         image_key = int(image_key)
@@ -406,6 +438,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keyed real-to-synthetic identity mapping (with --bank; 'label' needs --identity-label)",
     )
     pre.add_argument("--bank", default=None, help="synthetic identity bank folder (IdentityBank.save)")
+    pre.add_argument(
+        "--embeddings",
+        type=Path,
+        default=None,
+        help="--identity cluster: the embeddings store of `anonloader identity embed` (sensitive) to fit the clusters on",
+    )
+    pre.add_argument("--cluster-shards", type=int, default=1, help="--identity cluster: Ray Data blocks for the k-NN search (1: none)")
     pre.add_argument("--image-key", default=None, help="dict key or tuple position of the image")
     pre.add_argument("--codec", default=None, help="raw (default, lossless, fastest reads) | lz4 | zstd | qoi | png | webp | jpeg[:quality]")
     pre.add_argument("--workers", type=int, default=1, help="processes (local, torchrun per rank) or actors (ray)")

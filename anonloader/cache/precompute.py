@@ -619,7 +619,7 @@ def precompute(
     if anonymizer is None:
         if annotations is not None:
             anonymizer_kwargs.setdefault("detector", None)
-        anonymizer = Anonymizer(**anonymizer_kwargs)
+        anonymizer = Anonymizer(secret=secret, **anonymizer_kwargs)
     elif anonymizer_kwargs:
         raise ConfigError(f"options {sorted(anonymizer_kwargs)} given with a ready Anonymizer")
     if anonymizer.detector is None and annotations is None:

@@ -236,7 +236,7 @@ class KeyedIdentityAssigner:
                     keys[f] = key
             return keys
         hashes = [face_content_hash(c) for c in crops]
-        known = self.clusters.key_of(embeddings, self.threshold) if self.clusters is not None else [None] * len(index)
+        known = self.clusters.key_of(embeddings, self.threshold, hashes) if self.clusters is not None else [None] * len(index)
         missing = [f for f, k in enumerate(known) if k is None]
         if missing:
             assert self.registry is not None

@@ -52,7 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument("source", help="a folder of images, pkg.module:factory, a saved HF dataset folder, or an HF dataset name")
     embed.add_argument("out", type=Path, help="the embeddings store folder (sensitive)")
     embed.add_argument("--recognizer", default="dlib", help="recognizer (default dlib, offline)")
-    embed.add_argument("--detector", default="mtcnn", help="mtcnn | centerface | ... (anonloader.detect.DETECTORS)")
+    embed.add_argument(
+        "--detector",
+        default="default",
+        help="the detector precompute will use (default: the pipeline's 'default'; anonloader.detect.DETECTORS)",
+    )
     embed.add_argument("--part-size", type=int, default=256, help="samples per part (the unit of resume)")
     embed.add_argument("--limit", type=int, default=None, help="only the first N samples")
     embed.add_argument("--image-key", default=None, help="dict key or tuple position of the image")

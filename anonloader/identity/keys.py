@@ -156,12 +156,16 @@ class ClusterResult:
         cluster_keys: ``C`` keys, aligned with ``centroids`` (ascending canonical hash).
         labels: ``N int64`` cluster number of each input face (indexes ``cluster_keys``), or
             None.
+        members: ``(M uint64, M int64)``: the sorted first 64 bits of the clustered faces'
+            content hashes and each one's cluster number, so that a face of the clustered set
+            gets its own cluster even where single linkage put it far from the centroid; or None.
     """
 
     keys: list[str]
     centroids: torch.Tensor
     cluster_keys: list[str]
     labels: np.ndarray | None = field(default=None, compare=False)
+    members: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
     _index: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def index(self) -> Any:
@@ -172,21 +176,39 @@ class ClusterResult:
             self._index["index"] = VectorIndex.build(self.centroids, kind="exact")
         return self._index["index"]
 
-    def key_of(self, embeddings: torch.Tensor, threshold: float) -> list[str | None]:
-        """Keys of new faces (``F,D``): the nearest centroid's at cosine ``>= threshold``, else None."""
+    def key_of(self, embeddings: torch.Tensor, threshold: float, content_hashes: Sequence[str] | None = None) -> list[str | None]:
+        """Keys of faces (``F,D`` embeddings): a face of the clustered set (same content hash)
+        gets its cluster; any other the nearest centroid's at cosine ``>= threshold``, else None."""
         if len(self.centroids) == 0 or len(embeddings) == 0:
             return [None] * len(embeddings)
-        vectors = torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=1)
-        sims, index = self.index().nearest(vectors)
-        return [self.cluster_keys[int(j)] if j >= 0 and float(s) >= threshold else None for s, j in zip(sims, index)]
+        out: list[str | None] = [None] * len(embeddings)
+        if content_hashes is not None and self.members is not None:
+            prefixes, numbers = self.members
+            wanted = hash_prefixes(content_hashes)
+            at = np.minimum(np.searchsorted(prefixes, wanted), len(prefixes) - 1)
+            for f in np.flatnonzero(prefixes[at] == wanted):
+                out[f] = self.cluster_keys[int(numbers[at[f]])]
+        rest = [f for f, key in enumerate(out) if key is None]
+        if rest:
+            vectors = torch.nn.functional.normalize(embeddings[rest].detach().float().cpu(), dim=1)
+            sims, index = self.index().nearest(vectors)
+            for f, s, j in zip(rest, sims, index):
+                out[f] = self.cluster_keys[int(j)] if j >= 0 and float(s) >= threshold else None
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {f: getattr(self, f) for f in ("keys", "centroids", "cluster_keys", "labels")}
+        state = {f: getattr(self, f) for f in ("keys", "centroids", "cluster_keys", "labels", "members")}
         return state | {"_index": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for name, value in state.items():
             object.__setattr__(self, name, value)
+
+
+def hash_prefixes(content_hashes: Sequence[str]) -> np.ndarray:
+    """``N uint64``: the first 64 bits of hex content hashes (enough to tell 10^7 faces apart:
+    a chance collision among them is about 3e-6)."""
+    return np.fromiter((int(h[:16], 16) for h in content_hashes), dtype=np.uint64, count=len(content_hashes))
 
 
 def cluster_embeddings(
@@ -243,7 +265,9 @@ def cluster_embeddings(
     labels = np.empty(n, dtype=np.int64)
     labels[order] = canonical_labels
     keys = [cluster_keys[c] for c in labels.tolist()]
-    return ClusterResult(keys, centroids, cluster_keys, labels)
+    prefixes = hash_prefixes(content_hashes)
+    by_prefix = np.argsort(prefixes, kind="stable")
+    return ClusterResult(keys, centroids, cluster_keys, labels, (prefixes[by_prefix], labels[by_prefix]))
 
 
 # ---------------------------------------------------------------------------------- online

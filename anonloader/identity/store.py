@@ -237,7 +237,7 @@ def embed_source(
     out: str | os.PathLike[str],
     *,
     embedder: Any = "dlib",
-    detector: Any = "mtcnn",
+    detector: Any = "default",
     part_size: int = 256,
     limit: int | None = None,
     image_key: Any = None,
@@ -255,7 +255,9 @@ def embed_source(
         out: the store folder (sensitive: raw embeddings).
         embedder: recognizer name or object (its ``crop_size``, ``template`` and ``margin``
             are the alignment, as the pipeline's identity stage uses).
-        detector: detector name or object (:func:`anonloader.detect.load_detector`).
+        detector: detector name or object (:func:`anonloader.detect.load_detector`); use the one
+            ``precompute`` will run (default: the pipeline's ``"default"``): then every face
+            of the store is the very crop precompute sees, found in its cluster by content hash.
         part_size: samples per part (the unit of resume).
         limit: only the first ``limit`` samples.
         image_key: the image field of a sample (default: every image in it).
@@ -286,6 +288,7 @@ def embed_source(
         "template": str(embedder.template),
         "margin": float(getattr(embedder, "margin", 0.0)),
         "source": str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__,
+        "detector": detector if isinstance(detector, str) else type(detector).__name__,
         "samples_total": total,
         "part_size": int(part_size),
     }

@@ -204,3 +204,21 @@ def test_a_person_with_many_more_faces_than_k_stays_one_cluster():
     x, truth, hashes = clustered(60, 1, 128, 0.15, seed=9)
     result = cluster_embeddings(x, hashes, THRESHOLD, k=16)
     assert len(result.cluster_keys) == 1 and result.cluster_keys[0] == "cluster:" + min(hashes)
+
+
+def test_a_clustered_face_far_from_its_centroid_keeps_its_cluster_by_content_hash():
+    """Single linkage chains faces: the ends of a chain are far from the cluster's mean. A face
+    of the clustered set is found by its content hash, not only by nearness to the centroid."""
+    from anonloader.identity.keys import cluster_embeddings
+
+    angles = torch.arange(10) * (20.0 * torch.pi / 180)  # neighbours at cosine 0.94, ends 180 degrees apart
+    chain = torch.zeros(10, 8)
+    chain[:, 0], chain[:, 1] = torch.cos(angles), torch.sin(angles)
+    hashes = [f"{i:064x}" for i in range(10)]
+    result = cluster_embeddings(chain, hashes, 0.917)
+    assert len(set(result.keys)) == 1
+    end = chain[:1]
+    assert result.key_of(end, 0.917) == [None]  # nearness alone loses it
+    assert result.key_of(end, 0.917, hashes[:1]) == [result.keys[0]]
+    assert result.key_of(end, 0.917, ["f" * 64]) == [None]  # an unknown face: nearness only
+    assert pickle.loads(pickle.dumps(result)).key_of(end, 0.917, hashes[:1]) == [result.keys[0]]
