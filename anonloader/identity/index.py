@@ -12,12 +12,12 @@ Kinds:
   and replaced (the registry moves an identity's mean as faces join it).
 - ``"ivf"``: faiss ``IndexIVFFlat``: vectors are bucketed by their nearest of ``nlist``
   k-means centroids, and a query scores only the ``nprobe`` nearest buckets. Approximate, built
-  once, far cheaper for large ``N`` (see ``benchmarks/identity_cluster.py``). Its k-means runs
+  once, far cheaper for large ``N`` (see ``benchmarks/identity_scale.py``). Its k-means runs
   on a strided subsample of the vectors *in the order given* with a fixed seed, so callers that
   give a canonical order get the same index in every process.
 
 Library choice (measured on this 2-core machine while other jobs ran, load average 7-12;
-``benchmarks/identity_cluster.py --search-only``): exact search of every row's 16 nearest at
+``benchmarks/identity_scale.py --search-only``): exact search of every row's 16 nearest at
 N=10^4 took 5.35 s with faiss and 5.46 s with torch's blocked matmul + ``topk`` for 128-d,
 6.40 s vs 7.58 s for 512-d (both are one BLAS product per block); at N=10^5, 128-d (k=32,
 lighter load) 121 s vs 276 s — and exact search grows as N^2, about 3.4 h at N=10^6. Only

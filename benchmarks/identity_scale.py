@@ -1,9 +1,9 @@
 """Cost growth of ``KeyedIdentityAssigner("cluster").fit`` on synthetic clustered embeddings.
 
-    python benchmarks/identity_cluster.py                    # N = 10^4, 10^5; 128-d
-    python benchmarks/identity_cluster.py --dim 512
-    python benchmarks/identity_cluster.py --full             # adds N = 10^6 (minutes)
-    python benchmarks/identity_cluster.py --search-only --sizes 10000   # faiss vs torch k-NN search
+    python benchmarks/identity_scale.py                    # N = 10^4, 10^5; 128-d
+    python benchmarks/identity_scale.py --dim 512
+    python benchmarks/identity_scale.py --full             # adds N = 10^6 (minutes)
+    python benchmarks/identity_scale.py --search-only --sizes 10000   # faiss vs torch k-NN search
 
 Data (stated, seeded): N unit vectors around K = N / 10 random unit identity centres,
 ``centre + 0.3 * g / sqrt(D)`` with ``g`` standard normal, so same-person pairs have cosine
@@ -15,8 +15,8 @@ algorithm (leader clustering, ``method="leader"``, one torch thread) runs only u
 machine's load average is printed, since other jobs share its cores.
 
 Measured 2026-12-02 on this 2-core machine with nothing else running (load average 1.4-1.9,
-i.e. the benchmark itself), ``python benchmarks/identity_cluster.py --full`` and
-``python benchmarks/identity_cluster.py --dim 512 [--sizes 1000000]``:
+i.e. the benchmark itself), ``python benchmarks/identity_scale.py --full`` and
+``python benchmarks/identity_scale.py --dim 512 [--sizes 1000000]``:
 
     D    N          method  wall     CPU      peak RSS  clusters  precision  recall
     128  10^4       leader    6.8 s    6.7 s  1.19 GiB    1581    1.0000     0.8962
