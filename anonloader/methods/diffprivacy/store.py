@@ -149,27 +149,35 @@ class RecoveryKeyStore:
         stores = [Path(s) for s in sources if (Path(s) / RECOVERY_DB).is_dir()]
         if not stores:
             return 0
-        metas = [cls.read_meta(s) for s in stores]
-        if len({(m["fingerprint"], m["kdf"]["salt"], m["check"]) for m in metas}) > 1:
-            raise ConfigError(
-                "the recovery keys of " + ", ".join(str(s) for s in stores) + " were made by different pipelines, passwords "
-                "or salts and cannot be merged into one key store; recover from each source"
-            )
         path = Path(destination) / RECOVERY_DB
-        path.mkdir(parents=True, exist_ok=True)
-        target = cls._raw_env(path, False, map_size)
+        paths = [path, *(store / RECOVERY_DB for store in stores)]
+        held = {(str(p.resolve()), os.getpid()) for p in paths} & set(_ENVS)
         copied = 0
-        with target.begin(write=True) as out:
-            raw = out.get(_META)
-            if raw is not None and json.loads(raw)["check"] != metas[0]["check"]:
-                raise ConfigError(f"{path} already holds recovery keys of another password; merge into a new destination")
-            out.put(_META, json.dumps(metas[0], sort_keys=True).encode())
-            for store in stores:
-                with cls._raw_env(store / RECOVERY_DB, True, 1 << 20).begin() as txn:
-                    for key, blob in txn.cursor():
-                        if bytes(key).startswith(b"k/"):
-                            out.put(bytes(key), bytes(blob))
-                            copied += 1
+        try:
+            metas = [cls.read_meta(s) for s in stores]
+            if len({(m["fingerprint"], m["kdf"]["salt"], m["check"]) for m in metas}) > 1:
+                raise ConfigError(
+                    "the recovery keys of " + ", ".join(str(s) for s in stores) + " were made by different pipelines, passwords "
+                    "or salts and cannot be merged into one key store; recover from each source"
+                )
+            path.mkdir(parents=True, exist_ok=True)
+            target = cls._raw_env(path, False, map_size)
+            with target.begin(write=True) as out:
+                raw = out.get(_META)
+                if raw is not None and json.loads(raw)["check"] != metas[0]["check"]:
+                    raise ConfigError(f"{path} already holds recovery keys of another password; merge into a new destination")
+                out.put(_META, json.dumps(metas[0], sort_keys=True).encode())
+                for store in stores:
+                    with cls._raw_env(store / RECOVERY_DB, True, 1 << 20).begin() as txn:
+                        for key, blob in txn.cursor():
+                            if bytes(key).startswith(b"k/"):
+                                out.put(bytes(key), bytes(blob))
+                                copied += 1
+        finally:
+            for p in paths:  # close what this copy opened (stores opened before stay open)
+                slot = (str(p.resolve()), os.getpid())
+                if slot not in held and slot in _ENVS:
+                    _ENVS.pop(slot)[0].close()
         return copied
 
     @classmethod
