@@ -116,28 +116,11 @@ def _conditions(seeds: list[int], size: int, extra: dict[str, Any] | None = None
 def _per_image_words(method: Any, crop: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
     """The paper's regime for one face: a fresh copy of the MSI trained ``steps`` AdamW steps
     (lr 1e-3, batch 1) with eq. 7 on the face, then its ``10,D`` pseudo-words."""
-    from anonloader.methods.diffprivacy.msi import MSI, anchor_embedding, clip_class_tokens, prompt_slot, stage_timesteps
-    from anonloader.methods.diffprivacy.training import msi_loss
+    from anonloader.methods.diffprivacy.msi import prompt_slot
+    from anonloader.methods.diffprivacy.training import per_image_words
 
     backbone, template, _ = method.load()
-    slot = prompt_slot(backbone)
-    msi = MSI.from_config(template.config)
-    msi.load_state_dict(template.state_dict())
-    msi.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(msi.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(seed)
-    image = crop[None]
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss, _ = msi_loss(backbone, msi, slot, image, generator)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    msi.eval()
-    with torch.no_grad():
-        features = clip_class_tokens(backbone, image, msi.config.layers)
-        ts = torch.tensor(stage_timesteps(msi.config.num_stages, backbone.schedule.num_train_timesteps))
-        return msi(features, ts, anchor_embedding(backbone, slot))[0]
+    return per_image_words(backbone, template, prompt_slot(backbone), crop[None], steps, seed=seed)[0]
 
 
 def run_child(config: dict[str, Any]) -> dict[str, Any]:

@@ -119,14 +119,8 @@ def train_amortized(args: argparse.Namespace) -> Path:
 def train_per_image(args: argparse.Namespace) -> Path:
     from safetensors.torch import save_file
 
-    from .msi import (
-        MSI,
-        anchor_embedding,
-        clip_class_tokens,
-        prompt_slot,
-        stage_timesteps,
-    )
-    from .training import msi_loss
+    from .msi import prompt_slot
+    from .training import per_image_words
 
     method = _method(args)
     backbone, template, _ = method.load()
@@ -138,27 +132,15 @@ def train_per_image(args: argparse.Namespace) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     index = {}
     for i in range(len(data)):
-        image = data[i][None].to(device)
         torch.manual_seed(args.seed)
-        msi = MSI.from_config(template.config).to(device)
-        msi.load_state_dict(template.state_dict())
-        msi.train().requires_grad_(True)
-        optimizer = torch.optim.AdamW(msi.parameters(), lr=args.lr)
-        generator = torch.Generator().manual_seed(args.seed + i)
-        for _ in range(args.per_image_steps):
-            loss, _ = msi_loss(backbone, msi, slot, image, generator)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        msi.eval()
-        with torch.no_grad():
-            features = clip_class_tokens(backbone, image, msi.config.layers)
-            ts = torch.tensor(stage_timesteps(msi.config.num_stages, backbone.schedule.num_train_timesteps), device=device)
-            words = msi(features, ts, anchor_embedding(backbone, slot))[0].float().cpu().contiguous()
+        words, loss = per_image_words(
+            backbone, template, slot, data[i][None].to(device), args.per_image_steps, lr=args.lr, seed=args.seed + i
+        )
+        words = words.float().cpu().contiguous()
         name = f"{data.files[i].stem}.safetensors"
         save_file({"words": words}, str(folder / name))
         index[str(data.files[i].relative_to(data.root))] = name
-        log.info("image %d/%d %s: final loss %.4f", i + 1, len(data), data.files[i].name, float(loss))
+        log.info("image %d/%d %s: final loss %s", i + 1, len(data), data.files[i].name, "-" if loss is None else f"{float(loss):.4f}")
     (folder / "index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
     return folder
 

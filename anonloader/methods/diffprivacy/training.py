@@ -32,7 +32,7 @@ from .msi import (
 if TYPE_CHECKING:
     from .backbone import Backbone
 
-__all__ = ["MSIModule", "cross_attention_dropouts", "denoising_loss", "msi_loss", "refine_words"]
+__all__ = ["MSIModule", "cross_attention_dropouts", "denoising_loss", "msi_loss", "per_image_words", "refine_words"]
 
 
 def cross_attention_dropouts(unet: nn.Module) -> list[nn.Dropout]:
@@ -67,6 +67,33 @@ def msi_loss(
     words = msi(features, stage_t[:, None], anchor_embedding(backbone, slot))[:, 0]
     cond = encode_stage_words(backbone, slot, words)
     return denoising_loss(backbone, z0, cond, t, noise), t
+
+
+def per_image_words(
+    backbone: Backbone, template: MSI, slot: PromptSlot, image: torch.Tensor, steps: int, *, lr: float = 1e-3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The paper's per-image regime for one face: a fresh copy of ``template`` trained ``steps``
+    AdamW steps (batch 1) with eq. 7 on ``image`` (``1,3,R,R [0,1]``, timesteps and noise from a
+    generator seeded with ``seed``). Returns its ``10,D`` pseudo-words and the last loss (None
+    when ``steps`` is 0)."""
+    msi = MSI.from_config(template.config).to(image.device)
+    msi.load_state_dict(template.state_dict())
+    msi.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(msi.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+    loss = None
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss, _ = msi_loss(backbone, msi, slot, image, generator)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    msi.eval()
+    with torch.no_grad():
+        features = clip_class_tokens(backbone, image, msi.config.layers)
+        ts = torch.tensor(stage_timesteps(msi.config.num_stages, backbone.schedule.num_train_timesteps), device=image.device)
+        words = msi(features, ts, anchor_embedding(backbone, slot))[0]
+    return words, None if loss is None else loss.detach()
 
 
 def refine_words(
