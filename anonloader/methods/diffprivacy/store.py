@@ -97,16 +97,9 @@ class RecoveryKeyStore:
             ConfigError: an existing store belongs to another pipeline fingerprint.
         """
         secret = Secret.from_sources(key_password, key_password_file)
-        path = Path(directory) / RECOVERY_DB
-        path.mkdir(parents=True, exist_ok=True)
-        env = cls._raw_env(path, False, map_size)
-        with env.begin(write=True) as txn:
-            raw = txn.get(_META)
-            if raw is None:
-                params = kdf or KdfParams.new()
-                cipher = derive_cipher(secret, params, fingerprint)
-                txn.put(_META, _new_meta(params, cipher))
-                return cls(directory, cipher, map_size=map_size)
+        if cls._stored_meta(directory, map_size) is None:
+            params = kdf or KdfParams.new()
+            return cls.create_with_cipher(directory, derive_cipher(secret, params, fingerprint), params, map_size=map_size)
         return cls.open(directory, secret, fingerprint=fingerprint, readonly=False, map_size=map_size)
 
     @classmethod
@@ -121,19 +114,26 @@ class RecoveryKeyStore:
             SecretError: an existing store here was made with another password or salt.
         """
         path = Path(directory) / RECOVERY_DB
-        path.mkdir(parents=True, exist_ok=True)
-        env = cls._raw_env(path, False, map_size)
-        with env.begin(write=True) as txn:
-            raw = txn.get(_META)
-            if raw is None:
+        raw = cls._stored_meta(directory, map_size)
+        if raw is None:
+            with cls._raw_env(path, False, map_size).begin(write=True) as txn:
                 txn.put(_META, _new_meta(kdf, cipher))
-            else:
-                meta = json.loads(raw)
-                if meta.get("fingerprint") != cipher.fingerprint:
-                    raise ConfigError(f"the recovery keys at {path} belong to another pipeline (fingerprint differs)")
-                if meta.get("kdf", {}).get("salt") != kdf.salt.hex() or not hmac.compare_digest(meta.get("check", ""), cipher.check_value()):
-                    raise SecretError(f"the recovery keys at {path} were made with another password or salt; give the password used at precompute")
+        else:
+            meta = json.loads(raw)
+            if meta.get("fingerprint") != cipher.fingerprint:
+                raise ConfigError(f"the recovery keys at {path} belong to another pipeline (fingerprint differs)")
+            if meta.get("kdf", {}).get("salt") != kdf.salt.hex() or not hmac.compare_digest(meta.get("check", ""), cipher.check_value()):
+                raise SecretError(f"the recovery keys at {path} were made with another password or salt; give the password used at precompute")
         return cls(directory, cipher, map_size=map_size)
+
+    @classmethod
+    def _stored_meta(cls, directory: str | os.PathLike[str], map_size: int) -> bytes | None:
+        """The raw metadata of the store in ``directory``, opened (created if absent) for writing;
+        None for a new store."""
+        path = Path(directory) / RECOVERY_DB
+        path.mkdir(parents=True, exist_ok=True)
+        with cls._raw_env(path, False, map_size).begin() as txn:
+            return txn.get(_META)
 
     @classmethod
     def copy_sealed(cls, sources: list[str | os.PathLike[str]], destination: str | os.PathLike[str], *, map_size: int = 1 << 34) -> int:
