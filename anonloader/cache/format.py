@@ -619,14 +619,12 @@ class SampleView:
         self._blob = blob
 
     @classmethod
-    def open(cls, sealer: Sealer, index: int, value: bytes | memoryview, what: str, *, copy: bool = False) -> SampleView:
-        """The checked record. With ``copy``, ``value`` (e.g. a view of LMDB's map) is first
-        copied into a buffer this view owns, the tag is checked on that copy (the bytes checked
-        are the bytes served, and the check reads them from the CPU cache, not memory), and
-        ``raw`` pixels are served as tensors over the copy, without a second one."""
-        if copy:
-            value = memoryview(bytearray(value))
-        return cls(sealer.open(SAMPLE_MAGIC, b"samples/" + index_key(index), value, what), what, owned=copy)
+    def open(cls, sealer: Sealer, index: int, value: bytes | memoryview, what: str, *, owned: bool = False) -> SampleView:
+        """The checked record. ``owned``: ``value`` is a writable copy made for this read alone
+        (e.g. by :meth:`AnonCache.read_samples`): the tag is checked on it (the bytes checked
+        are the bytes served), and ``raw`` pixels are served as tensors over it, without a
+        second copy."""
+        return cls(sealer.open(SAMPLE_MAGIC, b"samples/" + index_key(index), value, what), what, owned=owned)
 
     def skeleton(self) -> Any:
         """The typed skeleton (decoded on each call; cheap: it holds no pixels)."""

@@ -520,7 +520,7 @@ class AnonCache:
     def read_samples(self, positions: Sequence[tuple[int, int]], build: Callable[[int, SampleView | None], Any]) -> list[Any]:
         """``build(index, view)`` for each ``(sample index, shard number)``, in order, with one
         read transaction per shard touched; ``view`` (or ``None`` when absent) owns a copy of
-        its record, checked on that copy (``SampleView.open(copy=True)``)."""
+        its record, checked on that copy (``SampleView.open(owned=True)``)."""
         self._ensure()
         out: list[Any] = [None] * len(positions)
         by_shard: dict[int, list[int]] = {}
@@ -534,7 +534,9 @@ class AnonCache:
                 for at in ats:
                     index = positions[at][0]
                     value = txn.get(index_key(index), db=db)
-                    view = None if value is None else SampleView.open(self.sealer, index, value, f"sample {index} in {shard.path}", copy=True)
+                    # the record's one copy out of the map, checked and served from there
+                    record = None if value is None else memoryview(bytearray(value))
+                    view = None if record is None else SampleView.open(self.sealer, index, record, f"sample {index} in {shard.path}", owned=True)
                     out[at] = build(index, view)
 
             shard.read(run, buffers=True)
