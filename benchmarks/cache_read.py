@@ -22,6 +22,24 @@ and MB on disk of every loader's files.
 
     python benchmarks/cache_read.py --images 512 --epochs 6 --runs 2
     python benchmarks/cache_read.py --codecs       # encode / decode / size of each codec on real photos
+
+Measured 2026-12-02 on this 2-core machine with nothing else running (the first command; images/s,
+ratios against the plain JPEG folder and LitData measured in the same run):
+
+    loader                 MB     | sequential             | shuffled               | CPU us/img
+    run 1 plain JPEG q90    10.5  | 1722                   | 1863                   | 417
+          litdata          100.7  | 3459                   | 2936                   |  22
+          cache raw (def.) 103.4  | 3520  2.04x  1.02x lit | 3106  1.67x  1.06x lit |  83
+          cache lz4         92.9  | 2906  1.69x  0.84x lit | 2923  1.57x  1.00x lit | 190
+          wrap read-only   103.4  |  645  0.37x            |  528  0.28x            | 3389
+    run 2 plain JPEG q90    10.5  | 1965                   | 1898                   | 420
+          litdata          100.7  | 3933                   | 2702                   |  25
+          cache raw (def.) 103.4  | 3336  1.70x  0.85x lit | 3366  1.77x  1.25x lit |  92
+          cache lz4         92.9  | 2881  1.47x  0.73x lit | 3256  1.72x  1.21x lit | 128
+          wrap read-only   103.4  |  520  0.26x            |  593  0.31x            | 3301
+
+The default cache is 9.9x the q90 JPEG folder on disk (lossless; lossless WebP 4.2x). Precompute
+images/s (blur, 2 workers, run 1): raw 110.7, lz4 100.0, png 75.2.
 """
 
 from __future__ import annotations
