@@ -49,6 +49,7 @@ from anonloader.cache.format import (
 from anonloader.cache.keys import CacheKeys
 from anonloader.cache.manifest import resolve_cache_path
 from anonloader.errors import CacheCorruptError, CacheError, CacheFingerprintError, CacheMissError
+from anonloader.lmdb_envs import close_env, open_env
 from anonloader.types import FaceRecord
 
 __all__ = ["DEFAULT_MAP_SIZE", "AnonCache", "CacheEntry", "SampleRecord", "VerifyReport"]
@@ -78,65 +79,24 @@ class VerifyReport:
         return not self.corrupt
 
 
-#: this process's open environments by real path: py-lmdb allows one handle per path and
-#: process, so every AnonCache on the same path shares it. Entries of another pid (inherited
-#: through fork) are dropped, never used or closed.
-_OPEN_ENVS: dict[str, tuple[int, bool, lmdb.Environment, dict[bytes, Any]]] = {}
+def _open_dbs(path: Path) -> Callable[[lmdb.Environment, bool], dict[bytes, Any]]:
+    """The :func:`~anonloader.lmdb_envs.open_env` set-up of a cache shard: its named databases
+    (created by a writer; a reader refuses an LMDB that is not a cache)."""
 
+    def setup(env: lmdb.Environment, writable: bool) -> dict[bytes, Any]:
+        if writable:
+            return {name: env.open_db(name, create=True) for name in _DATABASES}
+        dbs: dict[bytes, Any] = {}
+        for name in _DATABASES:
+            try:
+                dbs[name] = env.open_db(name, create=False)
+            except lmdb.NotFoundError as error:
+                if name != b"failures":  # format 1 caches have none; they fail on their metadata
+                    raise CacheError(f"{path} is an LMDB but not an anonloader cache (no {name.decode()} database)") from error
+                dbs[name] = None
+        return dbs
 
-def _open_env(key: str, path: Path, writable: bool, map_size: int, readahead: bool) -> tuple[lmdb.Environment, dict[bytes, Any]]:
-    found = _OPEN_ENVS.get(key)
-    pid = os.getpid()
-    if found is not None and found[0] == pid and (found[1] or not writable):
-        return found[2], found[3]
-    if found is not None:  # a read-only handle is upgraded to a writable one
-        del _OPEN_ENVS[key]
-        found[2].close()
-    if writable:
-        path.mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(str(path), map_size=map_size, max_dbs=len(_DATABASES), subdir=True)
-        dbs = {name: env.open_db(name, create=True) for name in _DATABASES}
-    else:
-        try:
-            env = lmdb.open(str(path), readonly=True, lock=False, readahead=readahead, max_dbs=len(_DATABASES), subdir=True)
-        except lmdb.Error as error:
-            raise CacheError(f"cannot open the cache shard {path} ({error})") from error
-        dbs = {}
-        try:
-            for name in _DATABASES:
-                try:
-                    dbs[name] = env.open_db(name, create=False)
-                except lmdb.NotFoundError:
-                    if name != b"failures":  # format 1 caches have none; they fail on their metadata
-                        raise
-                    dbs[name] = None
-        except lmdb.NotFoundError as error:
-            env.close()
-            raise CacheError(f"{path} is an LMDB but not an anonloader cache (no {name.decode()} database)") from error
-    _OPEN_ENVS[key] = (pid, writable, env, dbs)
-    return env, dbs
-
-
-def _drop_inherited_envs() -> None:
-    """In a forked child: close the handles inherited from the parent (py-lmdb refuses to open a
-    path twice per process). Closing only unmaps and closes the child's own descriptors; the
-    parent's handles and locks are untouched."""
-    inherited = list(_OPEN_ENVS.values())
-    _OPEN_ENVS.clear()
-    for _, _, env, _ in inherited:
-        try:
-            env.close()
-        except lmdb.Error:
-            pass
-
-
-os.register_at_fork(after_in_child=_drop_inherited_envs)
-
-
-def _close_env(key: str) -> None:
-    found = _OPEN_ENVS.pop(key, None)
-    if found is not None and found[0] == os.getpid():
-        found[2].close()
+    return setup
 
 
 class _Shard:
@@ -147,11 +107,18 @@ class _Shard:
         self.writable = writable
         self.map_size = map_size
         self.readahead = readahead
-        self.key = str(path.resolve())
         self._dbs: dict[bytes, Any] = {}
 
     def env(self) -> lmdb.Environment:
-        env, self._dbs = _open_env(self.key, self.path, self.writable, self.map_size, self.readahead)
+        try:
+            env, self._dbs = open_env(
+                self.path, writable=self.writable, map_size=self.map_size, max_dbs=len(_DATABASES),
+                readahead=self.readahead, setup=_open_dbs(self.path),
+            )
+        except lmdb.Error as error:
+            if self.writable:
+                raise
+            raise CacheError(f"cannot open the cache shard {self.path} ({error})") from error
         return env
 
     def db(self, name: bytes) -> Any:
@@ -190,7 +157,7 @@ class _Shard:
                 env.set_mapsize(0)
 
     def close(self) -> None:
-        _close_env(self.key)
+        close_env(self.path)
         self._dbs = {}
 
 

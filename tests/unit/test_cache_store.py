@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from anonloader.cache import store as store_module
+from anonloader import lmdb_envs
 from anonloader.cache.codecs import get_codec
 from anonloader.cache.commands import merge_caches
 from anonloader.cache.format import SampleRecord, StoredImage, image_status
@@ -52,7 +52,7 @@ def _sample(cache: AnonCache, index: int, image: torch.Tensor | None, fields: di
 def test_put_get_round_trip_with_metadata(tmp_path, astronaut_image, caplog):
     image = _crops(astronaut_image, 1)[0]
     cache = AnonCache(tmp_path / "c", writable=True, fingerprint=FP, method="blur")
-    assert store_module._OPEN_ENVS.get(str((tmp_path / "c").resolve())) is None  # nothing opened in __init__
+    assert not lmdb_envs.is_open(tmp_path / "c")  # nothing opened in __init__
     key = cache_key(b"src", FP)
     with caplog.at_level(logging.WARNING, logger="anonloader.cache.store"):
         cache.put(key, image, [_record()])

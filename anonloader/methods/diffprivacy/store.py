@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from anonloader.errors import CacheError, ConfigError, SecretError
+from anonloader.lmdb_envs import close_env, is_open, open_env
 
 from .crypto import FORMAT_TAG, KdfParams, KeyCipher, Secret, derive_cipher
 from .keys import RecoveryKey
@@ -30,8 +31,6 @@ __all__ = ["RECOVERY_DB", "RecoveryKeyStore"]
 
 RECOVERY_DB = "recovery.lmdb"
 _META = b"__meta__"
-#: (resolved path, pid) -> (environment, opened read-only)
-_ENVS: dict[tuple[str, int], tuple[Any, bool]] = {}
 
 
 def _new_meta(params: KdfParams, cipher: KeyCipher) -> bytes:
@@ -63,21 +62,11 @@ class RecoveryKeyStore:
     # ------------------------------------------------------------------ opening
     @staticmethod
     def _raw_env(path: Path, readonly: bool, map_size: int) -> Any:
-        """This process's environment for ``path`` (py-lmdb opens a path once per process, so
-        every store of the same path shares it; a writer reopens a read-only one for writing)."""
-        import lmdb
-
+        """This process's environment for ``path`` (shared per path and process:
+        :func:`~anonloader.lmdb_envs.open_env`)."""
         if readonly and not path.is_dir():
             raise CacheError(f"no recovery keys at {path}; this cache was written without key_password (or its keys were stripped)")
-        slot = (str(path.resolve()), os.getpid())
-        found = _ENVS.get(slot)
-        if found is not None and (readonly or not found[1]):
-            return found[0]
-        if found is not None:
-            found[0].close()
-        env = lmdb.open(str(path), subdir=True, readonly=readonly, lock=not readonly, map_size=map_size, max_dbs=0)
-        _ENVS[slot] = (env, readonly)
-        return env
+        return open_env(path, writable=not readonly, map_size=map_size)[0]
 
     @classmethod
     def create(
@@ -151,7 +140,7 @@ class RecoveryKeyStore:
             return 0
         path = Path(destination) / RECOVERY_DB
         paths = [path, *(store / RECOVERY_DB for store in stores)]
-        held = {(str(p.resolve()), os.getpid()) for p in paths} & set(_ENVS)
+        held = {p for p in paths if is_open(p)}
         copied = 0
         try:
             metas = [cls.read_meta(s) for s in stores]
@@ -175,9 +164,8 @@ class RecoveryKeyStore:
                                 copied += 1
         finally:
             for p in paths:  # close what this copy opened (stores opened before stay open)
-                slot = (str(p.resolve()), os.getpid())
-                if slot not in held and slot in _ENVS:
-                    _ENVS.pop(slot)[0].close()
+                if p not in held:
+                    close_env(p)
         return copied
 
     @classmethod
@@ -228,9 +216,7 @@ class RecoveryKeyStore:
 
     def close(self) -> None:
         """Closes this process's environment of the path (any store of it reopens on use)."""
-        found = _ENVS.pop((str(self.path.resolve()), os.getpid()), None)
-        if found is not None:
-            found[0].close()
+        close_env(self.path)
 
     def __repr__(self) -> str:
         return f"RecoveryKeyStore({str(self.path)!r}, readonly={self.readonly})"
