@@ -122,8 +122,6 @@ def _identity(args: argparse.Namespace, secret: Any) -> Any:
 
     bank = None if args.bank is None else IdentityBank.load(args.bank)
     if args.identity != "cluster":
-        if args.embeddings is not None:
-            raise ConfigError("--embeddings is for --identity cluster")
         return KeyedIdentityAssigner(args.identity, secret=secret, bank=bank)
     if args.embeddings is None:
         raise ConfigError(
@@ -161,10 +159,10 @@ def _run_precompute(args: argparse.Namespace) -> int:
     elif annotations is None:
         raise ConfigError("--detector none needs --annotations pkg.module:function giving each sample's faces")
     secret = _secret(args)
+    if args.embeddings is not None and args.identity != "cluster":
+        raise ConfigError("--embeddings is for --identity cluster")
     if args.identity is not None:
         options["identity"] = _identity(args, secret)
-    elif args.embeddings is not None:
-        raise ConfigError("--embeddings is for --identity cluster")
     image_key: Any = args.image_key
     if image_key is not None and image_key.isdigit():
         image_key = int(image_key)
