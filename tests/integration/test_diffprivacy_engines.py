@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from _cache_faces import face_annotations, make_dataset
+from _torchrun import free_port
 
 pytest.importorskip("diffusers")
 pytest.importorskip("cryptography")
@@ -37,11 +37,6 @@ PASSWORD = "engines pw 5d0e9a"
 OPTIONS = {"tiny": True, "num_inference_steps": 10, "group_size": 2, "inversion_iters": 2}
 SAMPLES = 4
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _keys(path: Path) -> dict[tuple[str, int], bytes]:
@@ -124,7 +119,7 @@ def test_torchrun_ranks_write_shard_keys_merge_and_recover(tmp_path, single, met
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]), ANONLOADER_SECRET=SECRET, OMP_NUM_THREADS="1")
     env.pop("ANONLOADER_KEY_PASSWORD", None)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         "-m", "anonloader.cache.commands", "precompute", "_cache_faces:make_dataset", str(out), "--engine", "torchrun",
         "--detector", "none", "--annotations", "_cache_faces:face_annotations", "--limit", str(SAMPLES), "-q",
         "--method", "diffprivacy", "--method-options", json.dumps({k: v for k, v in options.items() if k != "inversion_iters"}),
@@ -169,7 +164,7 @@ def test_torchrun_bad_password_file_stops_every_rank(tmp_path, single):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]), ANONLOADER_SECRET=SECRET, OMP_NUM_THREADS="1")
     env.pop("ANONLOADER_KEY_PASSWORD", None)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         "-m", "anonloader.cache.commands", "precompute", "_cache_faces:make_dataset", str(tmp_path / "out"), "--engine", "torchrun",
         "--detector", "none", "--annotations", "_cache_faces:face_annotations", "--limit", "2", "-q",
         "--method", "diffprivacy", "--method-options", json.dumps(OPTIONS), "--key-password-file", str(tmp_path / "absent"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _torchrun import free_port
 from PIL import Image, ImageEnhance, ImageOps
 
 from anonloader.cli import main
@@ -82,11 +82,8 @@ def test_embed_command_resumes_after_sigkill(photos, clean, tmp_path):
 
 def test_embed_under_torchrun_two_ranks_equals_one_process(photos, clean, tmp_path):
     out = tmp_path / "ranks"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         "-m", "anonloader.cli", "identity", "embed", str(photos), str(out), "--part-size", "1", "-q", "--engine", "torchrun",
         "--detector", "mtcnn",
     ]

@@ -7,7 +7,6 @@ identity and produce the same bytes."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from _cache_faces import cache_entries, cache_samples, face_annotations, identity_label, make_dataset
+from _torchrun import free_port
 
 from anonloader.cache.precompute import precompute
 from anonloader.cache.store import AnonCache
@@ -25,11 +25,6 @@ HERE = Path(__file__).parent
 REPO = HERE.parent.parent
 SECRET = "engine-test-secret-0123456789"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +56,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, single, bank_path):
     out = tmp_path / "sharded"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]), ANONLOADER_SECRET=SECRET, OMP_NUM_THREADS="1")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         "-m", "anonloader.cache.commands", "precompute", "_cache_faces:make_dataset", str(out), "--engine", "torchrun",
         "--detector", "none", "--annotations", "_cache_faces:face_annotations", "--limit", "8", "-q",
         "--identity", "label", "--identity-label", "_cache_faces:identity_label", "--bank", str(bank_path),
