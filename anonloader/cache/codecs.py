@@ -225,6 +225,13 @@ def _planar_shape(view: memoryview, what: str) -> tuple[int, int, int]:
     return _SHAPE.unpack_from(view)
 
 
+def _raw_shape(view: memoryview) -> tuple[int, int, int]:
+    c, h, w = _planar_shape(view, "raw image")
+    if len(view) != _SHAPE.size + c * h * w:
+        raise _corrupt("raw image", "wrong length for its shape")
+    return c, h, w
+
+
 @dataclass(frozen=True)
 class RawCodec:
     """Raw ``C,H,W uint8`` after a 12-byte shape header: the default; no decode work, the fastest
@@ -239,9 +246,7 @@ class RawCodec:
 
     def decode(self, data: Buffer) -> torch.Tensor:
         view = memoryview(data)
-        c, h, w = _planar_shape(view, "raw image")
-        if len(view) != _SHAPE.size + c * h * w:
-            raise _corrupt("raw image", "wrong length for its shape")
+        c, h, w = _raw_shape(view)
         out = torch.empty((c, h, w), dtype=torch.uint8)
         out.numpy().reshape(-1)[:] = np.frombuffer(view, dtype=np.uint8, offset=_SHAPE.size)
         return out
@@ -250,9 +255,7 @@ class RawCodec:
         """Like :meth:`decode`, without the copy: a tensor over ``data``'s bytes, for a writable
         buffer that the caller made for this read and hands over (no one else may hold it)."""
         view = memoryview(data)
-        c, h, w = _planar_shape(view, "raw image")
-        if len(view) != _SHAPE.size + c * h * w:
-            raise _corrupt("raw image", "wrong length for its shape")
+        c, h, w = _raw_shape(view)
         return torch.frombuffer(view, dtype=torch.uint8, offset=_SHAPE.size).view(c, h, w)
 
     def config(self) -> dict:
