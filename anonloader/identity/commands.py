@@ -46,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="store every face's recognizer embedding + content hash (SENSITIVE output)",
         description="Detects and embeds every face of SOURCE into the store OUT (resumable: run again after an "
         "interruption). OUT holds raw face embeddings of real people: write it only where the original images "
-        "may live, never next to an anonymized cache. Cluster it with "
-        "EmbeddingStore(OUT).fit(KeyedIdentityAssigner('cluster', ...)).",
+        "may live, never next to an anonymized cache. Use it with `anonloader precompute SOURCE CACHE --identity "
+        "cluster --embeddings OUT`, or EmbeddingStore(OUT).fit(KeyedIdentityAssigner('cluster', ...)).",
     )
     embed.add_argument("source", help="a folder of images, pkg.module:factory, a saved HF dataset folder, or an HF dataset name")
     embed.add_argument("out", type=Path, help="the embeddings store folder (sensitive)")
